@@ -1,0 +1,1 @@
+"""Fine-tuning of pretrained checkpoints (GLUE-style classification, text-conditioned GANs)."""

@@ -1,0 +1,125 @@
+"""`overture <command>`: pretrain, prepare, recipes, report.
+
+RECIPE is a YAML path or a bundled recipe name; KEY=VALUE overrides use dotted paths
+(``train.max_steps=50 output_dir=runs/x``). Exit codes: 0 success, 2 bad input (the
+message names the key, file or path), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .config import ConfigError, bundled_recipes, load_recipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("datasets", "transformers", "accelerate", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="overture", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="train a recipe (resumes from the latest checkpoint)")
+    p.add_argument("recipe", help="YAML path or bundled recipe name")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved recipe, parameter count and data statistics; "
+                        "do not train")
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("prepare", help="build the cached dataset only (before a multi-GPU launch)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("recipes", help="list the bundled recipes")
+    p.set_defaults(func=_recipes)
+
+    p = sub.add_parser("report", help="draw loss, learning rate and throughput to PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--output", help="PNG path (default RUN_DIR/report.png)")
+    p.set_defaults(func=_report)
+    return parser
+
+
+def _pretrain(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        return _dry_run(recipe)
+    from .engine import train
+
+    final = train(recipe)
+    if _is_main_process():
+        print(f"final model: {final}")
+    return 0
+
+
+def _dry_run(recipe) -> int:
+    from overture.pretrain import build_objective
+
+    print("# resolved recipe")
+    print(recipe.to_yaml())
+    objective = build_objective(recipe)
+    for index, phase in enumerate(recipe.resolved_phases()):
+        data = objective.prepare(phase)
+        if index == 0:
+            model = objective.build_model()
+            params = sum(p.numel() for p in model.parameters())
+            print(f"parameters: {params:,} (vocabulary {len(objective.tokenizer):,})")
+            print("corpus: " + json.dumps(data.stats["corpus"]))
+        print(f"# data statistics, phase {index} (max_seq_len {phase.max_seq_len}, "
+              f"{phase.steps} steps)")
+        for key, value in objective.data_report(data, phase).items():
+            shown = f"{value:.4f}" if isinstance(value, float) else f"{value:,}"
+            print(f"  {key}: {shown}")
+    return 0
+
+
+def _prepare(args) -> int:
+    from overture.pretrain import build_objective
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    objective = build_objective(recipe)
+    for phase in recipe.resolved_phases():
+        data = objective.prepare(phase)
+        print(f"{data.folder}: {data.stats['train_examples']:,} train / "
+              f"{data.stats['eval_examples']:,} eval examples")
+    return 0
+
+
+def _recipes(args) -> int:
+    import yaml
+
+    for name, path in bundled_recipes().items():
+        raw = yaml.safe_load(path.read_text()) or {}
+        print(f"{name:<16} {raw.get('description', '')}")
+    return 0
+
+
+def _report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dir, args.output))
+    return 0
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

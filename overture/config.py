@@ -1,0 +1,432 @@
+"""Typed recipe configuration: dataclasses, YAML loading, dotted overrides, validation.
+
+A recipe is a YAML file whose sections map one-to-one onto the dataclasses below. Every
+error names the file and the dotted key at fault, and unknown keys suggest the nearest
+valid one, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    """Transformer sizes; the vocabulary size comes from the tokenizer."""
+
+    hidden_size: int = 768
+    """Width of the hidden states."""
+    num_hidden_layers: int = 12
+    """Number of encoder layers."""
+    num_attention_heads: int = 12
+    """Attention heads per layer; must divide hidden_size."""
+    intermediate_size: int = 3072
+    """Width of the feed-forward layer."""
+    max_position_embeddings: int = 512
+    """Longest sequence the position table holds (covers every phase's max_seq_len)."""
+    hidden_dropout_prob: float = 0.1
+    """Dropout on hidden states."""
+    attention_probs_dropout_prob: float = 0.1
+    """Dropout on attention probabilities."""
+    initializer_range: float = 0.02
+    """Std of the truncated-normal weight initialisation."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa (torch scaled_dot_product_attention) or eager."""
+
+    def validate(self) -> None:
+        _positive(self, "model", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "intermediate_size", "max_position_embeddings")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}")
+        _choice(self, "model", "attn_implementation", ("sdpa", "eager"))
+        _fraction(self, "model", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+@dataclass
+class TokenizerConfig:
+    """Train a WordPiece vocabulary, or load an existing tokenizer."""
+
+    name_or_path: str | None = None
+    """Existing tokenizer (local folder or Hub name); null trains one on the corpus."""
+    vocab_size: int = 30522
+    """Size of the trained WordPiece vocabulary, special tokens included."""
+    lowercase: bool = True
+    """Lowercase and strip accents before WordPiece (BERT uncased)."""
+    min_frequency: int = 2
+    """Minimum count for a merged piece to enter the vocabulary."""
+    train_max_mb: float = 512.0
+    """Train the vocabulary on at most this many MB of the corpus (its start)."""
+
+    def validate(self) -> None:
+        _positive(self, "tokenizer", "vocab_size", "min_frequency", "train_max_mb")
+
+
+@dataclass
+class DataConfig:
+    """Where the corpus comes from and how examples are cut from it."""
+
+    corpus: list[str] = field(default_factory=lambda: ["default"])
+    """Sources: file paths or globs (.txt .jsonl .json .csv .parquet), hf:NAME[:CONFIG]
+    for a Hugging Face Hub dataset, or 'default' for the embedded corpus."""
+    text_column: str = "text"
+    """Column holding the document text in JSONL / CSV / Parquet / Hub sources."""
+    hf_split: str = "train"
+    """Split read from Hub datasets."""
+    max_seq_len: int = 128
+    """Tokens per example, [CLS] and [SEP]s included."""
+    short_seq_prob: float = 0.1
+    """Probability of a shorter target length (BERT: 0.1), to train on short inputs too."""
+    dupe_factor: int = 1
+    """Passes over the corpus with different pairs (and masks, when static). BERT used 10."""
+    eval_fraction: float = 0.01
+    """Fraction of documents held out for evaluation."""
+    eval_max_examples: int = 2000
+    """Cap on held-out examples kept."""
+    num_proc: int = 0
+    """Worker processes for preprocessing; 0 uses every core."""
+    chunk_mb: float = 4.0
+    """Documents are processed in windows of about this many MB; random NSP partners are
+    drawn from the same window, so it also bounds memory."""
+    cache_dir: str = "~/.cache/overture"
+    """Where tokenizers and prepared examples are cached (env OVERTURE_CACHE overrides)."""
+    seed: int = 12345
+    """Seed for pairing, masking (static) and the held-out split."""
+
+    def validate(self) -> None:
+        if not self.corpus:
+            raise ConfigError("data.corpus is empty: give at least one file, glob, "
+                              "hf:NAME or 'default'")
+        _positive(self, "data", "max_seq_len", "dupe_factor", "chunk_mb", "eval_max_examples")
+        if self.max_seq_len < 8:
+            raise ConfigError(f"data.max_seq_len={self.max_seq_len} is too short: "
+                              "use at least 8 tokens")
+        _fraction(self, "data", "short_seq_prob", "eval_fraction")
+        if self.num_proc < 0:
+            raise ConfigError(f"data.num_proc={self.num_proc} must be >= 0 (0 = all cores)")
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(os.environ.get("OVERTURE_CACHE") or self.cache_dir).expanduser()
+
+
+@dataclass
+class ObjectiveConfig:
+    """Pretraining objective: masked LM (80/10/10) plus next-sentence prediction."""
+
+    name: str = "bert"
+    """Objective family; 'bert' = MLM + NSP."""
+    mlm_probability: float = 0.15
+    """Fraction of non-special tokens selected for prediction."""
+    max_predictions_per_seq: int = 20
+    """Cap on selected tokens per sequence (BERT: 20 at length 128, 80 at 512)."""
+    mask_replace_prob: float = 0.8
+    """Of the selected tokens, the fraction replaced by [MASK]."""
+    random_replace_prob: float = 0.1
+    """Of the selected tokens, the fraction replaced by a random token (rest kept)."""
+    masking: str = "static"
+    """static: masks drawn once at preprocessing, dupe_factor copies (BERT);
+    dynamic: masks re-drawn every time a sequence is seen (RoBERTa)."""
+    nsp: bool = True
+    """Train the next-sentence-prediction head."""
+
+    def validate(self) -> None:
+        _choice(self, "objective", "name", ("bert",))
+        _choice(self, "objective", "masking", ("static", "dynamic"))
+        _fraction(self, "objective", "mlm_probability", "mask_replace_prob", "random_replace_prob")
+        _positive(self, "objective", "max_predictions_per_seq", "mlm_probability")
+        if self.mask_replace_prob + self.random_replace_prob > 1:
+            raise ConfigError(
+                f"objective.mask_replace_prob + objective.random_replace_prob = "
+                f"{self.mask_replace_prob + self.random_replace_prob} exceeds 1")
+
+
+@dataclass
+class Phase:
+    """One stage of a multi-stage schedule (BERT: 90% of steps at 128 tokens, then 512)."""
+
+    steps: int = 0
+    """Optimizer steps in this phase."""
+    max_seq_len: int | None = None
+    """Overrides data.max_seq_len for this phase."""
+    batch_size: int | None = None
+    """Overrides train.batch_size for this phase."""
+    max_predictions_per_seq: int | None = None
+    """Overrides objective.max_predictions_per_seq for this phase."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    seed: int = 42
+    """Seed for initialisation, shuffling and dynamic masking."""
+    max_steps: int = 1000
+    """Optimizer steps (ignored when phases are given: their steps add up instead)."""
+    max_time: float | None = None
+    """Wall-clock budget in minutes; the run checkpoints and exports when it runs out."""
+    batch_size: int = 32
+    """Sequences per device per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    optimizer: str = "adamw"
+    """adamw (fused when available) or lamb (You et al. 2019, from timm)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay; not applied to biases and LayerNorm weights."""
+    adam_beta1: float = 0.9
+    """First-moment decay."""
+    adam_beta2: float = 0.999
+    """Second-moment decay."""
+    adam_epsilon: float = 1e-6
+    """Denominator epsilon."""
+    lr_schedule: str = "linear"
+    """Decay after warmup: linear, cosine or constant."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (null: no clipping)."""
+    mixed_precision: str = "no"
+    """no, fp16 or bf16 (passed to Accelerate)."""
+    eval_every: int = 0
+    """Evaluate on the held-out split every N steps (0: only at the end)."""
+    eval_batches: int = 20
+    """Held-out batches per evaluation."""
+    log_every: int = 10
+    """Write a metrics record every N steps."""
+    save_every: int = 0
+    """Save a full checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted."""
+    resume: str = "auto"
+    """auto: continue from the latest complete checkpoint in output_dir if any;
+    never: refuse to start over an existing run; or a checkpoint folder path."""
+    report_to: list[str] = field(default_factory=list)
+    """Accelerate trackers, e.g. [tensorboard] or [wandb]; metrics.jsonl is always written."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s of one device for the MFU estimate (null: known GPUs are looked up)."""
+
+    def validate(self) -> None:
+        _positive(self, "train", "max_steps", "batch_size", "gradient_accumulation_steps",
+                  "lr", "log_every", "eval_batches", "keep_last")
+        _choice(self, "train", "optimizer", ("adamw", "lamb"))
+        _choice(self, "train", "lr_schedule", ("linear", "cosine", "constant"))
+        _choice(self, "train", "mixed_precision", ("no", "fp16", "bf16"))
+        for name in ("warmup_steps", "eval_every", "save_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.max_time is not None and self.max_time <= 0:
+            raise ConfigError(f"train.max_time={self.max_time} must be a positive number of minutes")
+        if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
+            raise ConfigError(f"train.resume={self.resume!r}: not 'auto', 'never' or an "
+                              "existing checkpoint folder")
+        for tracker in self.report_to:
+            _choice_value("train.report_to", tracker, ("tensorboard", "wandb", "comet_ml",
+                                                       "mlflow", "aim", "clearml", "dvclive"))
+
+
+@dataclass
+class Recipe:
+    """A whole pretraining run."""
+
+    name: str = "run"
+    """Run name (trackers, logs)."""
+    description: str = ""
+    """One line shown by `overture recipes`."""
+    output_dir: str = "runs/run"
+    """Run folder: checkpoints/, final/, metrics.jsonl."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    phases: list[Phase] = field(default_factory=list)
+    """Optional stages; each overrides sequence length, batch size and predictions cap."""
+
+    def validate(self) -> None:
+        for section in (self.model, self.tokenizer, self.data, self.objective, self.train):
+            section.validate()
+        for i, phase in enumerate(self.phases):
+            if phase.steps <= 0:
+                raise ConfigError(f"phases[{i}].steps={phase.steps} must be a positive integer")
+        for i, phase in enumerate(self.resolved_phases()):
+            if phase.max_seq_len > self.model.max_position_embeddings:
+                raise ConfigError(
+                    f"phase {i} max_seq_len={phase.max_seq_len} exceeds "
+                    f"model.max_position_embeddings={self.model.max_position_embeddings}")
+
+    def resolved_phases(self) -> list[Phase]:
+        """The phases with every field filled in (one phase when none are given)."""
+        given = self.phases or [Phase(steps=self.train.max_steps)]
+        return [Phase(steps=p.steps,
+                      max_seq_len=p.max_seq_len or self.data.max_seq_len,
+                      batch_size=p.batch_size or self.train.batch_size,
+                      max_predictions_per_seq=(p.max_predictions_per_seq
+                                               or self.objective.max_predictions_per_seq))
+                for p in given]
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.resolved_phases())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe from a YAML path or a bundled recipe name, apply KEY=VALUE overrides
+    (dotted paths, values parsed as YAML scalars) and validate it."""
+    path = resolve_recipe_path(source)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.max_steps=50)")
+        _set_dotted(raw, key.strip(), _parse_scalar(value))
+    recipe = from_dict(Recipe, raw, where=str(path))
+    recipe.validate()
+    return recipe
+
+
+def resolve_recipe_path(source: str | os.PathLike) -> Path:
+    """A YAML path as given, or the bundled recipe of that name (``bert-tiny``)."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    bundled = bundled_recipes()
+    name = path.name.removesuffix(".yaml")
+    if name in bundled and not path.parent.parts[1:]:
+        return bundled[name]
+    hint = difflib.get_close_matches(name, list(bundled), n=1)
+    raise ConfigError(f"recipe {str(source)!r} not found: not a file and not a bundled recipe"
+                      + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                      + "; `overture recipes` lists the bundled ones")
+
+
+def bundled_recipes() -> dict[str, Path]:
+    """Bundled recipe names mapped to their YAML files."""
+    folder = Path(__file__).resolve().parent / "recipes"
+    if not folder.is_dir():  # editable install: recipes/ sits beside overture/
+        folder = Path(__file__).resolve().parent.parent / "recipes"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, data: Any, where: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types.
+
+    ``where`` (the file) and ``prefix`` (the dotted path so far) make error messages exact.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix or 'recipe'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            raise ConfigError(f"{where}: unknown key {dotted!r}{hint} "
+                              f"(valid keys here: {', '.join(fields)})")
+        kwargs[key] = _coerce(hints[key], value, where, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str, dotted: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where, dotted)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where, dotted + ".")
+    if origin is list:
+        if isinstance(value, (str, dict)) or not isinstance(value, list):
+            value = [value] if isinstance(value, (str, dict)) else value
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {dotted} must be a list, got {value!r}")
+        return [_coerce(args[0], v, where, f"{dotted}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not (isinstance(value, tp)
+                                              and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: {dotted} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _positive(obj: Any, section: str, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{section}.{name}={getattr(obj, name)} must be positive")
+
+
+def _fraction(obj: Any, section: str, *names: str) -> None:
+    for name in names:
+        if not 0.0 <= getattr(obj, name) <= 1.0:
+            raise ConfigError(f"{section}.{name}={getattr(obj, name)} must be between 0 and 1")
+
+
+def _choice(obj: Any, section: str, name: str, options: tuple[str, ...]) -> None:
+    _choice_value(f"{section}.{name}", getattr(obj, name), options)
+
+
+def _choice_value(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        close = difflib.get_close_matches(str(value), options, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}{hint}")

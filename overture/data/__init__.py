@@ -1,0 +1,1 @@
+"""Corpus sources, tokenizer training, and cached example preparation."""

@@ -1,0 +1,37 @@
+"""Optimizers (AdamW, LAMB) and learning-rate schedules for the engine."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW (fused kernel where the device has one) or LAMB (timm), with weight decay
+    off for biases and normalisation weights, as BERT does."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if cfg.optimizer == "lamb":
+        from timm.optim import Lamb
+
+        # Clipping is the engine's (train.max_grad_norm), not LAMB's own.
+        return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_epsilon, max_grad_norm=None)
+    fused = device.type in ("cuda", "cpu", "xpu", "mps")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_epsilon, fused=fused)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
+    """Linear warmup then linear / cosine decay to zero (or constant), over all phases."""
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(cfg.lr_schedule, cfg.lr_schedule)
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps,
+                         num_training_steps=total_steps)

@@ -1,0 +1,70 @@
+"""`overture report RUN_DIR`: PNG curves of loss, learning rate and throughput."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import ConfigError
+
+PANELS = [("loss", "loss"), ("lr", "learning rate"), ("tokens_per_s", "tokens / s"),
+          ("mlm_accuracy", "MLM accuracy"), ("nsp_accuracy", "NSP accuracy"),
+          ("perplexity", "perplexity")]
+
+
+def read_metrics(run_dir: Path) -> dict[str, dict[int, dict]]:
+    """Records of metrics.jsonl by split then step; a later record for the same step
+    (written after a resume) replaces the earlier one."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no metrics log here; is {run_dir} a run folder?")
+    by_split: dict[str, dict[int, dict]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{number}: not a JSON record ({err})") from err
+        by_split.setdefault(record.get("split", "train"), {})[record["step"]] = record
+    return by_split
+
+
+def write_report(run_dir: Path, output: Path | None = None) -> Path:
+    """Draw every known metric against the step into one PNG; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_split = read_metrics(run_dir)
+    panels = [(key, title) for key, title in PANELS
+              if any(key in r for records in by_split.values() for r in records.values())]
+    if not panels:
+        raise ConfigError(f"{run_dir}/metrics.jsonl holds no metric to plot")
+    cols = 3
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        for split, records in sorted(by_split.items()):
+            points = sorted((s, r[key]) for s, r in records.items() if key in r)
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if split == "eval" else None, markersize=3,
+                        label=split)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(Path(run_dir).resolve().name)
+    fig.tight_layout()
+    output = Path(output) if output else Path(run_dir) / "report.png"
+    tmp = output.with_name(output.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(output)
+    return output

@@ -1,0 +1,1 @@
+"""Text pretraining objectives: masked LM (80/10/10), next-sentence prediction."""

@@ -1,0 +1,1 @@
+"""Task definitions for fine-tuning and evaluation (GLUE, custom CSV / JSONL tasks)."""
