@@ -57,9 +57,8 @@ def find_resume_point(recipe: Recipe) -> Path | None:
                               f"(no {COMPLETE} marker)")
         return path
     latest = latest_checkpoint(run_dir)
-    if resume == "auto":
-        if latest is not None:
-            _check_compatible(recipe, latest)
+    if resume == "auto" and latest is not None:
+        _check_compatible(recipe, latest)
         return latest
     if latest is not None or (run_dir / "final").exists():
         raise ConfigError(f"output_dir={str(run_dir)!r} already holds a run; continue it with "
@@ -92,9 +91,12 @@ def save_checkpoint(accelerator, recipe: Recipe, step: int, train_state: dict) -
         (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
         (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
         (tmp / COMPLETE).write_text("")
-        if folder.exists():  # a re-save of the same step (resume at the very end)
-            shutil.rmtree(folder)
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():  # a re-save of the same step: keep it until the new one is in
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
         os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
         for old in complete_checkpoints(Path(recipe.output_dir))[:-recipe.train.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

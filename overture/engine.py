@@ -74,8 +74,11 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
     # ------------------------------------------------------------------ setup
     cfg = recipe.train
     run_dir = Path(recipe.output_dir)
+    # step_scheduler_with_optimizer=False: Accelerate would otherwise step the schedule
+    # once per process at every optimizer step; ours counts optimizer steps.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
-                              log_with=cfg.report_to or None, project_dir=str(run_dir))
+                              log_with=cfg.report_to or None, project_dir=str(run_dir),
+                              step_scheduler_with_optimizer=False)
     is_main = accelerator.is_main_process
     resume_from = find_resume_point(recipe)
     if is_main:
@@ -86,7 +89,8 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
     total_steps = recipe.total_steps
     with accelerator.main_process_first():  # rank 0 builds the cache, the others reuse it
         objective.prepare(phases[0], progress=progress and is_main)
-    model = objective.build_model()
+    model = objective.build_model()  # same initial weights on every rank
+    set_seed(cfg.seed, device_specific=True)  # but different dropout masks per rank
     optimizer = build_optimizer(model, cfg, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -115,10 +119,10 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
         with accelerator.main_process_first():
             data = objective.prepare(phase, progress=progress and is_main)
         collator = objective.collator(phase)
-        train_loader = _train_loader(data.train, collator, phase, recipe, accelerator)
+        train_loader, sampler = _train_loader(data.train, collator, phase, recipe, accelerator)
         eval_loader = _eval_loader(data.eval, objective.collator(phase), phase, recipe,
                                    accelerator)
-        micro_batches = _micro_batches(train_loader, collator, state, accelerator)
+        micro_batches = _micro_batches(train_loader, sampler, collator, state, accelerator)
         interval = Interval(objective, accelerator)
         while state.step < phase_end:
             step_stats = train_step(model, optimizer, scheduler, micro_batches, objective,
@@ -126,7 +130,7 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
             state.step += 1
             interval.add(step_stats)
             bar.update(1)
-            out_of_time = deadline is not None and time.monotonic() >= deadline
+            out_of_time = deadline is not None and _all_agree_time_is_up(deadline, accelerator)
             if state.step % cfg.log_every == 0 or state.step == total_steps or out_of_time:
                 record = interval.flush(state, scheduler, peak, phase)
                 bar.set_postfix(loss=f"{record['loss']:.3f}",
@@ -179,7 +183,10 @@ def train_step(model, optimizer, scheduler, micro_batches: Iterator[dict], objec
         # Gradients are all-reduced once, on the last micro-batch.
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             out = model(**batch)
-            loss = sum(out[f"{h}_loss_sum"] / global_counts[h].clamp(min=1) for h in heads)
+            # A head that is off (objective.nsp=false) enters with weight 0: DDP needs a
+            # gradient, even a zero one, for every parameter.
+            loss = sum(out[f"{h}_loss_sum"] / global_counts[h].clamp(min=1)
+                       * (1.0 if h in heads else 0.0) for h in objective.heads)
             accelerator.backward(loss * accelerator.num_processes)
         for key, value in out.items():
             sums[key] = sums.get(key, 0) + value.detach().float()
@@ -283,14 +290,15 @@ def _train_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
         raise ConfigError(f"only {len(dataset)} training examples, fewer than one batch "
                           f"(train.batch_size={phase.batch_size} x {accelerator.num_processes} "
                           "processes): use a larger corpus or a smaller batch")
+    sampler = EpochSampler(len(dataset), recipe.train.seed)
     loader = torch.utils.data.DataLoader(
         IndexedDataset(dataset), batch_size=phase.batch_size,
-        sampler=EpochSampler(len(dataset), recipe.train.seed), collate_fn=collator,
+        sampler=sampler, collate_fn=collator,
         drop_last=True, num_workers=recipe.train.num_workers,
         # its own generator, so creating an iterator never draws from the global RNG
         # (which drives dropout and must match between a straight and a resumed run)
         generator=torch.Generator().manual_seed(recipe.train.seed))
-    return accelerator.prepare(loader)
+    return accelerator.prepare(loader), sampler
 
 
 def _eval_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
@@ -303,7 +311,8 @@ def _eval_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
     return accelerator.prepare(loader)
 
 
-def _micro_batches(loader, collator, state: TrainState, accelerator) -> Iterator[dict]:
+def _micro_batches(loader, sampler: EpochSampler, collator, state: TrainState,
+                   accelerator) -> Iterator[dict]:
     """Endless stream of micro-batches that keeps ``state`` at the data position."""
     while True:
         collator.epoch = state.epoch
@@ -311,11 +320,21 @@ def _micro_batches(loader, collator, state: TrainState, accelerator) -> Iterator
         epoch_loader = (accelerator.skip_first_batches(loader, state.batch_in_epoch)
                         if state.batch_in_epoch else loader)
         epoch_loader.set_epoch(state.epoch)
+        # Accelerate's set_epoch does not reach a sampler under SkipBatchSampler and
+        # BatchSamplerShard, so the epoch is set on ours directly too.
+        sampler.set_epoch(state.epoch)
         for batch in epoch_loader:
             state.batch_in_epoch += 1
             yield batch
         state.epoch += 1
         state.batch_in_epoch = 0
+
+
+def _all_agree_time_is_up(deadline: float, accelerator) -> bool:
+    """True on every rank once any rank's clock passed the deadline (ranks must stop on
+    the same step, or their collectives would not match)."""
+    late = torch.tensor(float(time.monotonic() >= deadline), device=accelerator.device)
+    return bool(accelerator.reduce(late, "max").item())
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

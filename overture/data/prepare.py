@@ -11,6 +11,7 @@ not depend on the number of workers (each window has its own seeded RNG).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -273,25 +274,48 @@ def _process_window(index: int, docs: list[list[str]]) -> tuple[pa.RecordBatch, 
 
 
 def _to_batch(pairs, s: _WindowSettings, tag: str) -> pa.RecordBatch:
+    """Pairs -> one Arrow record batch, built from flat arrays and offsets (no per-token
+    Python work); with static masking the masks are drawn here, once."""
+    import numpy as np
     import torch
 
     from overture.pretrain.text.masking import MaskingSpec, mask_tokens
 
-    rows = [[s.cls_id, *p.tokens_a, s.sep_id, *p.tokens_b, s.sep_id] for p in pairs]
-    columns = {"input_ids": rows, "next_sentence_label": [p.label for p in pairs]}
-    if s.static_masking:
-        width = max((len(r) for r in rows), default=1)
-        ids = torch.full((len(rows), width), s.pad_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-        special = (ids == s.cls_id) | (ids == s.sep_id) | (ids == s.pad_id)
+    lengths = np.fromiter((len(p.tokens_a) + len(p.tokens_b) + 3 for p in pairs),
+                          dtype=np.int64, count=len(pairs))
+    flat = np.fromiter(itertools.chain.from_iterable(
+        (s.cls_id, *p.tokens_a, s.sep_id, *p.tokens_b, s.sep_id) for p in pairs),
+        dtype=np.int32, count=int(lengths.sum()))
+    columns = {"next_sentence_label": pa.array([p.label for p in pairs], pa.int8())}
+    if s.static_masking and len(pairs):
+        width = int(lengths.max())
+        real = np.arange(width)[None, :] < lengths[:, None]  # [N, W]
+        ids = np.full((len(pairs), width), s.pad_id, dtype=np.int64)
+        ids[real] = flat
+        ids = torch.from_numpy(ids)
+        special = (ids == s.cls_id) | (ids == s.sep_id) | torch.from_numpy(~real)
         spec = MaskingSpec(s.mask_id, torch.tensor(s.random_token_ids), s.mlm_probability,
                            s.max_predictions_per_seq, s.mask_replace_prob, s.random_replace_prob)
-        seed = int.from_bytes(hashlib.sha256(f"{s.seed}-mask-{tag}".encode()).digest()[:8], "little")
-        corrupted, labels = mask_tokens(ids, special, spec,
-                                        torch.Generator().manual_seed(seed & (2**63 - 1)))
-        selected = labels != -100
-        columns["input_ids"] = [corrupted[i, :len(r)].tolist() for i, r in enumerate(rows)]
-        columns["mlm_positions"] = [row.nonzero().flatten().tolist() for row in selected]
-        columns["mlm_ids"] = [labels[i][selected[i]].tolist() for i in range(len(rows))]
-    return pa.RecordBatch.from_pydict(columns, schema=_schema(s.static_masking))
+        seed = int.from_bytes(hashlib.sha256(f"{s.seed}-mask-{tag}".encode()).digest()[:8],
+                              "little") & (2**63 - 1)
+        corrupted, labels = mask_tokens(ids, special, spec, torch.Generator().manual_seed(seed))
+        flat = corrupted.numpy()[real].astype(np.int32)  # row-major: rows stay in order
+        selected = labels.numpy() != -100
+        _, cols = np.nonzero(selected)
+        counts = selected.sum(axis=1)
+        columns["mlm_positions"] = _list_array(counts, cols.astype(np.int16))
+        columns["mlm_ids"] = _list_array(counts, labels.numpy()[selected].astype(np.int32))
+    elif s.static_masking:
+        columns["mlm_positions"] = _list_array(lengths, np.zeros(0, np.int16))
+        columns["mlm_ids"] = _list_array(lengths, np.zeros(0, np.int32))
+    columns["input_ids"] = _list_array(lengths, flat)
+    schema = _schema(s.static_masking)
+    return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def _list_array(lengths, values) -> pa.ListArray:
+    import numpy as np
+
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))

@@ -162,7 +162,8 @@ class BertObjective:
     def target_counts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """How many targets each head's summed loss covers in this micro-batch."""
         return {"mlm": (batch["labels"] != IGNORE_INDEX).sum(),
-                "nsp": torch.tensor(batch["next_sentence_label"].numel())}
+                "nsp": torch.tensor(batch["next_sentence_label"].numel(),
+                                    device=batch["labels"].device)}
 
     def loss_heads(self) -> tuple[str, ...]:
         return self.heads if self.recipe.objective.nsp else ("mlm",)

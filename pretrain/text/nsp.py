@@ -83,12 +83,15 @@ def _pairs_from_document(documents, index, max_seq_len, short_seq_prob, rng):
 
 
 def _random_segment_tokens(documents, index, target_len, rng) -> list[int]:
-    # Ten tries at a document other than this one, as the reference does.
+    # Ten tries at a document other than this one, as the reference does; with no other
+    # document there is no random partner (an empty B drops the pair).
     other = index
     for _ in range(10):
         other = rng.randint(0, len(documents) - 1)
         if other != index:
             break
+    if other == index:
+        return []
     doc = documents[other]
     tokens: list[int] = []
     for segment in doc[rng.randint(0, len(doc) - 1):]:

@@ -1,0 +1,48 @@
+"""Shared fixtures: one tokenizer / example cache for the whole session, real text when
+../shared/data is present (WikiText-2), the embedded default corpus otherwise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from overture.config import load_recipe
+from overture.data.corpus import default_corpus_path
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _no_cache_env(monkeypatch):
+    # Tests choose their cache folder through the recipe, never the user's.
+    monkeypatch.delenv("OVERTURE_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("overture-cache")
+
+
+@pytest.fixture(scope="session")
+def real_text(cache_dir) -> Path:
+    """WikiText-2 validation text when ../shared/data exists, else the embedded corpus."""
+    return WIKITEXT_VALID if WIKITEXT_VALID.is_file() else default_corpus_path(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def make_recipe(cache_dir, real_text):
+    """bert-tiny on real text with a shared cache; extra KEY=VALUE overrides on top."""
+
+    def make(output_dir: Path | str = "unused", *overrides: str):
+        return load_recipe("bert-tiny", [f"data.corpus=[{real_text}]",
+                                         f"data.cache_dir={cache_dir}",
+                                         f"output_dir={output_dir}", "data.num_proc=1",
+                                         "tokenizer.vocab_size=2048", *overrides])
+
+    return make

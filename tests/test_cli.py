@@ -1,0 +1,88 @@
+"""The `overture` command as a user runs it (subprocesses, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("OVERTURE_CACHE", None)
+    return subprocess.run([sys.executable, "-m", "overture", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, cache_dir):
+    """`overture pretrain bert-tiny` end to end on the embedded corpus, kept short."""
+    work = tmp_path_factory.mktemp("cli")
+    done = run_cli("pretrain", "bert-tiny", "train.max_steps=30", "train.save_every=15",
+                   "train.eval_every=15", "train.log_every=5", f"data.cache_dir={cache_dir}",
+                   "output_dir=runs/tiny", cwd=work)
+    return work, done
+
+
+def test_pretrain_tiny_recipe_end_to_end(tiny_run):
+    work, done = tiny_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = work / "runs" / "tiny"
+    final = run / "final"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "recipe.yaml"):
+        assert (final / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000015", "step-000030"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == [5, 10, 15, 20, 25, 30]
+    assert train_records[-1]["loss"] < train_records[0]["loss"]  # it learns
+    assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 for r in train_records)
+    assert {r["step"] for r in records if r["split"] == "eval"} == {15, 30}
+    assert "tok_s=" in done.stderr  # the progress bar shows throughput
+
+
+def test_report_draws_a_png(tiny_run):
+    work, _ = tiny_run
+    done = run_cli("report", "runs/tiny", cwd=work)
+    assert done.returncode == 0, done.stderr[-2000:]
+    png = work / "runs" / "tiny" / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_dry_run_prints_recipe_parameters_and_data_statistics(tmp_path, cache_dir):
+    done = run_cli("pretrain", "bert-tiny", "--dry-run", f"data.cache_dir={cache_dir}",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "# resolved recipe" in out and "hidden_size: 128" in out
+    assert "parameters: " in out
+    stats = dict(line.strip().split(": ", 1) for line in out.splitlines()
+                 if line.startswith("  ") and ": " in line and line.strip().split(": ")[0] in (
+                     "mask_rate", "mask_split_mask", "nsp_is_next", "padding_efficiency"))
+    assert abs(float(stats["mask_rate"]) - 0.15) < 0.01
+    assert abs(float(stats["mask_split_mask"]) - 0.8) < 0.03
+    assert abs(float(stats["nsp_is_next"]) - 0.5) < 0.03
+    assert 0 < float(stats["padding_efficiency"]) <= 1
+    assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
+
+
+def test_unknown_override_key_names_the_key_and_suggests(tmp_path):
+    done = run_cli("pretrain", "bert-tiny", "train.max_step=5", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "train.max_step" in done.stderr and "did you mean train.max_steps" in done.stderr
+
+
+def test_missing_corpus_file_names_the_path(tmp_path):
+    done = run_cli("pretrain", "bert-tiny", "data.corpus=[no/such/file.txt]", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "no/such/file.txt" in done.stderr and "not found" in done.stderr
+
+
+def test_recipes_lists_the_bundled_recipes(tmp_path):
+    done = run_cli("recipes", cwd=tmp_path)
+    assert done.returncode == 0
+    assert "bert-tiny" in done.stdout and "bert-base" in done.stdout

@@ -1,0 +1,54 @@
+"""Recipe loading: overrides, validation messages, phases, bundled recipes."""
+
+from __future__ import annotations
+
+import pytest
+
+from overture.config import ConfigError, bundled_recipes, load_recipe
+
+
+@pytest.mark.parametrize("name", sorted(bundled_recipes()))
+def test_every_bundled_recipe_loads_and_validates(name):
+    recipe = load_recipe(name)
+    assert recipe.total_steps > 0
+    assert all(p.max_seq_len <= recipe.model.max_position_embeddings
+               for p in recipe.resolved_phases())
+
+
+def test_bert_base_has_the_papers_two_phases():
+    phases = load_recipe("bert-base").resolved_phases()
+    assert [(p.max_seq_len, p.max_predictions_per_seq) for p in phases] == [(128, 20), (512, 80)]
+    assert phases[0].steps == 9 * phases[1].steps
+
+
+def test_dotted_overrides_parse_yaml_scalars():
+    recipe = load_recipe("bert-tiny", ["train.max_steps=7", "train.lr=3e-4",
+                                       "data.corpus=[a.txt, b.txt]", "train.max_grad_norm=null"])
+    assert recipe.train.max_steps == 7 and recipe.train.lr == 3e-4
+    assert recipe.data.corpus == ["a.txt", "b.txt"] and recipe.train.max_grad_norm is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hiden_size=64", "unknown key 'model.hiden_size'; did you mean model.hidden_size"),
+    ("train.max_steps=many", "train.max_steps must be int"),
+    ("train.optimizer=adam", "train.optimizer='adam' is not one of adamw, lamb"),
+    ("model.num_attention_heads=3", "not divisible"),
+    ("objective.mask_replace_prob=0.95", "exceeds 1"),
+    ("data.max_seq_len=512", "exceeds model.max_position_embeddings"),
+    ("nonsense", "not KEY=VALUE"),
+])
+def test_invalid_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        load_recipe("bert-tiny", [override])
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  hidden_size: 64\n  layers: 2\n")
+    with pytest.raises(ConfigError, match=f"{path}: unknown key 'model.layers'"):
+        load_recipe(path)
+
+
+def test_unknown_recipe_name_suggests_a_bundled_one():
+    with pytest.raises(ConfigError, match="did you mean 'bert-tiny'"):
+        load_recipe("bert-tiy")

@@ -1,0 +1,105 @@
+"""Corpus reading (counters, formats, errors) and the on-disk example cache."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from overture.config import ConfigError
+from overture.data import prepare as prepare_module
+from overture.data.corpus import (CorpusStats, Source, default_corpus_path, iter_documents,
+                                  resolve_sources)
+from overture.data.prepare import prepare
+
+
+def _docs(source: Source, stats: CorpusStats | None = None):
+    return list(iter_documents(source, "text", "train", stats or CorpusStats()))
+
+
+def test_text_documents_split_on_blank_lines_and_counters(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"first line\nsecond \xff line\n \n\n\n  \nnext doc\n\n")
+    stats = CorpusStats()
+    docs = _docs(Source("text", str(path)), stats)
+    assert docs == [["first line", "second \ufffd line"], ["next doc"]]
+    assert stats.documents == 2 and stats.lines == 3
+    assert stats.invalid_utf8_replaced == 1
+    assert stats.empty_lines_skipped == 3  # four blank lines between docs, one separates
+    assert stats.bytes == path.stat().st_size
+
+
+def test_jsonl_csv_and_parquet_rows_are_documents(tmp_path):
+    rows = [{"text": "alpha one.\nalpha two."}, {"text": ""}, {"text": "beta"}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "c.csv").write_text('text\n"alpha one.\nalpha two."\n""\nbeta\n')
+    pq.write_table(pa.table({"text": [r["text"] for r in rows]}), tmp_path / "c.parquet")
+    for name in ("c.jsonl", "c.csv", "c.parquet"):
+        [source] = resolve_sources([str(tmp_path / name)], tmp_path)
+        stats = CorpusStats()
+        assert _docs(source, stats) == [["alpha one.", "alpha two."], ["beta"]], name
+        assert stats.empty_documents_skipped == 1, name
+
+
+def test_missing_text_column_names_the_file_and_columns(tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "x"}))
+    [source] = resolve_sources([str(tmp_path / "c.jsonl")], tmp_path)
+    with pytest.raises(ConfigError, match=r"c\.jsonl.*no column 'text'.*body"):
+        _docs(source)
+
+
+def test_missing_file_and_empty_glob_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="file not found.*nope.txt"):
+        resolve_sources([str(tmp_path / "nope.txt")], tmp_path)
+    with pytest.raises(ConfigError, match="no file matches the glob"):
+        resolve_sources([str(tmp_path / "*.txt")], tmp_path)
+
+
+def test_empty_corpus_is_a_clear_error(make_recipe, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n   \n\n")
+    recipe = make_recipe("unused", f"data.corpus=[{empty}]", f"data.cache_dir={tmp_path}")
+    with pytest.raises(ConfigError, match="no text|empty"):
+        prepare(recipe, progress=False)
+
+
+def test_default_corpus_is_prose_from_the_python_installation(cache_dir):
+    path = default_corpus_path(cache_dir)
+    docs = _docs(Source("text", str(path)))
+    assert len(docs) > 1000
+    words = sum(len(line.split()) for doc in docs for line in doc)
+    assert words > 100_000
+
+
+def test_cache_is_reused_and_rebuilt_when_a_setting_changes(make_recipe, monkeypatch):
+    recipe = make_recipe("unused", "data.short_seq_prob=0.2")
+    first = prepare(recipe, progress=False)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cache should have been reused")
+
+    monkeypatch.setattr(prepare_module, "_build", fail)
+    again = prepare(recipe, progress=False)
+    assert again.folder == first.folder and len(again.train) == len(first.train)
+    changed = make_recipe("unused", "data.short_seq_prob=0.3")
+    with pytest.raises(AssertionError, match="reused"):
+        prepare(changed, progress=False)  # a changed setting needs a new build
+
+
+def test_output_does_not_depend_on_the_number_of_workers(make_recipe, tmp_path, real_text):
+    corpus = tmp_path / "slice.txt"
+    corpus.write_text(real_text.read_text(encoding="utf-8")[:400_000], encoding="utf-8")
+    base = (f"data.corpus=[{corpus}]", "data.chunk_mb=0.06")
+    one = prepare(make_recipe("unused", *base, f"data.cache_dir={tmp_path / 'a'}"),
+                  progress=False)
+    # The same tokenizer for both (WordPiece training may order tied characters
+    # differently from one training to the next).
+    [tokenizer] = (tmp_path / "a" / "tokenizers").iterdir()
+    two = prepare(make_recipe("unused", *base, "data.num_proc=2", f"data.cache_dir={tmp_path / 'b'}",
+                              f"tokenizer.name_or_path={tokenizer}"), progress=False)
+    assert one.stats["windows"] >= 4 and two.stats["workers"] == 2
+    assert one.train["input_ids"] == two.train["input_ids"]
+    assert one.train["mlm_ids"] == two.train["mlm_ids"]
+    assert one.eval["input_ids"] == two.eval["input_ids"]
