@@ -109,6 +109,7 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
     bar = _progress_bar(total_steps, state.step, progress and is_main)
     saved_step = state.step if resume_from is not None else -1
     eval_loader = None
+    out_of_time = False
     for phase_index in range(state.phase, len(phases)):
         phase = phases[phase_index]
         phase_end = sum(p.steps for p in phases[:phase_index + 1])
@@ -146,9 +147,8 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
             if out_of_time:
                 log.info("train.max_time reached at step %d", state.step)
                 break
-        else:
-            continue
-        break  # out of time
+        if out_of_time:
+            break
     bar.close()
 
     # ------------------------------------------------------------------ finish
@@ -229,13 +229,11 @@ class Interval:
     def __init__(self, objective, accelerator):
         self.objective, self.accelerator = objective, accelerator
         self.totals: dict[str, torch.Tensor] = {}
-        self.steps = 0
         self.started = time.perf_counter()
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         for key, value in stats.items():
             self.totals[key] = self.totals.get(key, 0) + value
-        self.steps += 1
 
     def flush(self, state: TrainState, scheduler, peak_tflops: float | None,
               phase: Phase) -> dict[str, float]:
@@ -255,7 +253,7 @@ class Interval:
                   "seq_len": phase.max_seq_len}
         if peak_tflops:
             record["mfu"] = tflops / (peak_tflops * self.accelerator.num_processes)
-        self.totals, self.steps, self.started = {}, 0, time.perf_counter()
+        self.totals, self.started = {}, time.perf_counter()
         return record
 
 

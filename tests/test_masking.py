@@ -7,7 +7,8 @@ import torch
 
 from overture.data.prepare import prepare
 from overture.pretrain.text.bert import BertObjective, IndexedDataset
-from overture.pretrain.text.masking import IGNORE_INDEX, MaskingSpec, mask_tokens
+from overture.pretrain.text.masking import (IGNORE_INDEX, MaskingSpec, mask_tokens,
+                                            non_special_ids)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,8 @@ def _padded(data, count: int):
 
 
 def _spec(tok, **kw) -> MaskingSpec:
-    special = set(tok.all_special_ids)
-    vocab = torch.tensor(sorted(i for i in tok.get_vocab().values() if i not in special))
-    return MaskingSpec(mask_token_id=tok.mask_token_id, random_token_ids=vocab, **kw)
+    return MaskingSpec(mask_token_id=tok.mask_token_id, random_token_ids=non_special_ids(tok),
+                       **kw)
 
 
 def test_mask_rate_and_80_10_10_split_on_real_text(dynamic_data):

@@ -101,8 +101,8 @@ def prepare(recipe: Recipe, phase: Phase | None = None, progress: bool = True) -
 
 
 def _window_settings(recipe: Recipe, phase: Phase, tokenizer) -> _WindowSettings:
-    special = set(tokenizer.all_special_ids)
-    vocab = tokenizer.get_vocab()
+    from overture.pretrain.text.masking import non_special_ids
+
     return _WindowSettings(
         tokenizer_json=tokenizer.backend_tokenizer.to_str(),
         max_seq_len=phase.max_seq_len, short_seq_prob=recipe.data.short_seq_prob,
@@ -110,7 +110,7 @@ def _window_settings(recipe: Recipe, phase: Phase, tokenizer) -> _WindowSettings
         seed=recipe.data.seed, cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id,
         pad_id=tokenizer.pad_token_id, static_masking=recipe.objective.masking == "static",
         mask_id=tokenizer.mask_token_id,
-        random_token_ids=tuple(sorted(i for i in vocab.values() if i not in special)),
+        random_token_ids=tuple(non_special_ids(tokenizer).tolist()),
         mlm_probability=recipe.objective.mlm_probability,
         max_predictions_per_seq=phase.max_predictions_per_seq,
         mask_replace_prob=recipe.objective.mask_replace_prob,

@@ -15,9 +15,10 @@ import hashlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from ...config import Phase, Recipe
-from .masking import IGNORE_INDEX, MaskingSpec, mask_tokens
+from .masking import IGNORE_INDEX, MaskingSpec, mask_tokens, non_special_ids
 
 
 class BertPretrainingModule(nn.Module):
@@ -64,22 +65,22 @@ class PretrainingCollator:
 
     def __call__(self, rows: dict) -> dict[str, torch.Tensor]:
         columns, indices = rows["columns"], rows["indices"]
-        seqs = columns["input_ids"]
-        width = max(len(s) for s in seqs)
-        width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.as_tensor(s)
+        seqs = [torch.as_tensor(s, dtype=torch.long) for s in columns["input_ids"]]
+        ids = pad_sequence(seqs, batch_first=True, padding_value=self.pad_id)  # [B, L]
+        ids = F.pad(ids, (0, -ids.shape[1] % self.pad_to_multiple_of), value=self.pad_id)
+        width = ids.shape[1]
         lengths = torch.tensor([len(s) for s in seqs])
         attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         is_sep = ids == self.sep_id
         # [CLS] A [SEP] -> 0, B [SEP] -> 1: a token is in B once a [SEP] precedes it.
         token_type_ids = ((is_sep.cumsum(1) - is_sep.long()) > 0).long() * attention_mask
-        if self.spec is None:
+        if self.spec is None:  # static: scatter the stored (position, id) targets
+            positions = columns["mlm_positions"]
+            rows = torch.repeat_interleave(torch.arange(len(positions)),
+                                           torch.tensor([len(p) for p in positions]))
             labels = torch.full_like(ids, IGNORE_INDEX)
-            for i, (pos, tgt) in enumerate(zip(columns["mlm_positions"], columns["mlm_ids"])):
-                labels[i, torch.as_tensor(pos, dtype=torch.long)] = torch.as_tensor(
-                    tgt, dtype=torch.long)
+            labels[rows, torch.tensor([c for p in positions for c in p], dtype=torch.long)] = (
+                torch.tensor([t for ts in columns["mlm_ids"] for t in ts], dtype=torch.long))
         else:
             special = (ids == self.cls_id) | is_sep | (attention_mask == 0)
             generator = torch.Generator().manual_seed(self._batch_seed(indices))
@@ -146,11 +147,9 @@ class BertObjective:
         tok, obj = self.tokenizer, self.recipe.objective
         spec = None
         if obj.masking == "dynamic":
-            special = set(tok.all_special_ids)
             spec = MaskingSpec(
                 mask_token_id=tok.mask_token_id,
-                random_token_ids=torch.tensor(sorted(i for i in tok.get_vocab().values()
-                                                     if i not in special)),
+                random_token_ids=non_special_ids(tok),
                 mlm_probability=obj.mlm_probability,
                 max_predictions_per_seq=phase.max_predictions_per_seq,
                 mask_replace_prob=obj.mask_replace_prob,

@@ -26,6 +26,12 @@ class MaskingSpec:
     random_replace_prob: float = 0.1
 
 
+def non_special_ids(tokenizer) -> torch.Tensor:
+    """Ids a "random" replacement may take: the vocabulary minus special tokens."""
+    special = set(tokenizer.all_special_ids)
+    return torch.tensor(sorted(i for i in tokenizer.get_vocab().values() if i not in special))
+
+
 def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, spec: MaskingSpec,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Corrupt a batch for masked-LM training.
