@@ -1,23 +1,23 @@
 """Checkpoints: atomic full-state saves, resume discovery, Hugging Face export.
 
 A checkpoint is written to ``step-NNNNNN.tmp``, completed with a ``COMPLETE`` marker, then
-renamed to ``step-NNNNNN``: a folder without its marker (a crash mid-save) is never used.
+published as ``step-NNNNNN`` (overture.atomic): a folder without its marker (a crash
+mid-save) is never used.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
 
+from .atomic import COMPLETE, fresh_tmp_dir, publish_dir
 from .config import ConfigError, Recipe
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "COMPLETE"
 TRAIN_STATE = "train_state.json"
 RECIPE_FILE = "recipe.yaml"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -70,11 +70,16 @@ def _check_compatible(recipe: Recipe, checkpoint: Path) -> None:
     import yaml
 
     saved = yaml.safe_load((checkpoint / RECIPE_FILE).read_text())
-    if saved.get("model") != recipe.to_dict()["model"]:
-        raise ConfigError(
-            f"{checkpoint}: was trained with a different model section than this recipe's; "
-            "resume needs the same model (set train.resume=never and a new output_dir to "
-            "start afresh)")
+    current = recipe.to_dict()
+    for section, key in (("objective", "name"), ("model", None)):
+        before, now = saved.get(section) or {}, current[section]
+        if key:
+            before, now = before.get(key, "bert"), now[key]
+        if before != now:
+            raise ConfigError(
+                f"{checkpoint}: was trained with a different {section} "
+                f"{'section' if key is None else key} than this recipe's; resume needs the "
+                "same (set train.resume=never and a new output_dir to start afresh)")
 
 
 def save_checkpoint(accelerator, recipe: Recipe, step: int, train_state: dict) -> Path:
@@ -91,12 +96,7 @@ def save_checkpoint(accelerator, recipe: Recipe, step: int, train_state: dict) -
         (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
         (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
         (tmp / COMPLETE).write_text("")
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():  # a re-save of the same step: keep it until the new one is in
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, folder)  # a re-save of the same step replaces it once whole
         for old in complete_checkpoints(Path(recipe.output_dir))[:-recipe.train.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -109,29 +109,17 @@ def load_checkpoint(accelerator, folder: Path) -> dict:
     return json.loads((Path(folder) / TRAIN_STATE).read_text())
 
 
-def export_final(accelerator, recipe: Recipe, module, tokenizer) -> Path:
-    """Write ``OUTPUT_DIR/final`` in Hugging Face format (config.json, model.safetensors,
-    tokenizer files, the resolved recipe), replacing an older final/ only once the new
-    one is whole.
-
-    ``module`` is the prepared training module; by convention it holds the Hugging Face
-    model it trains at ``.model``, and that model is what is exported.
-    """
+def export_final(accelerator, recipe: Recipe, objective, models: dict) -> Path:
+    """Write ``OUTPUT_DIR/final`` in the family's native format (``objective.export``)
+    plus the resolved recipe, replacing an older final/ only once the new one is whole."""
     final = Path(recipe.output_dir) / "final"
-    full = accelerator.get_state_dict(module)  # gathers FSDP / DeepSpeed shards
-    model = accelerator.unwrap_model(module).model
+    # get_state_dict gathers FSDP / DeepSpeed shards: every rank takes part
+    state_dicts = {name: accelerator.get_state_dict(m) for name, m in models.items()}
     if accelerator.is_main_process:
-        state = {k.removeprefix("model."): v for k, v in full.items()}
-        tmp = final.with_name("final.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        tmp = fresh_tmp_dir(final)
+        unwrapped = {name: accelerator.unwrap_model(m) for name, m in models.items()}
+        objective.export(unwrapped, state_dicts, tmp)
         (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
-        old = final.with_name("final.old")
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        publish_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final

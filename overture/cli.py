@@ -1,4 +1,4 @@
-"""`overture <command>`: pretrain, prepare, recipes, report.
+"""`overture <command>`: pretrain, prepare, recipes, generate, report.
 
 RECIPE is a YAML path or a bundled recipe name; KEY=VALUE overrides use dotted paths
 (``train.max_steps=50 output_dir=runs/x``). Exit codes: 0 success, 2 bad input (the
@@ -52,8 +52,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=_prepare)
 
-    p = sub.add_parser("recipes", help="list the bundled recipes")
+    p = sub.add_parser("recipes", help="list the bundled recipes: name, family, size, purpose")
     p.set_defaults(func=_recipes)
+
+    p = sub.add_parser("generate", help="sample text from a causal-LM checkpoint (GPT)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a final/ folder (or a run folder holding one), or a Hub model name")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="0 decodes greedily")
+    p.add_argument("--top-k", type=int, default=50, help="0 disables top-k filtering")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("report", help="draw loss, learning rate and throughput to PNG")
     p.add_argument("run_dir")
@@ -75,7 +87,7 @@ def _pretrain(args) -> int:
 
 
 def _dry_run(recipe) -> int:
-    from overture.pretrain import build_objective
+    from .registry import build_objective
 
     print("# resolved recipe")
     print(recipe.to_yaml())
@@ -83,9 +95,10 @@ def _dry_run(recipe) -> int:
     for index, phase in enumerate(recipe.resolved_phases()):
         data = objective.prepare(phase)
         if index == 0:
-            model = objective.build_model()
-            params = sum(p.numel() for p in model.parameters())
-            print(f"parameters: {params:,} (vocabulary {len(objective.tokenizer):,})")
+            vocab = len(objective.tokenizer)
+            print(f"parameters: {count_parameters(objective):,} (vocabulary {vocab:,}; "
+                  f"{count_parameters(objective, recipe.tokenizer.vocab_size):,} at "
+                  f"tokenizer.vocab_size={recipe.tokenizer.vocab_size:,})")
             print("corpus: " + json.dumps(data.stats["corpus"]))
         print(f"# data statistics, phase {index} (max_seq_len {phase.max_seq_len}, "
               f"{phase.steps} steps)")
@@ -95,8 +108,19 @@ def _dry_run(recipe) -> int:
     return 0
 
 
+def count_parameters(objective, vocab_size: int | None = None) -> int:
+    """Trainable + frozen parameters of a family's models, built on the meta device (no
+    memory, no tokenizer needed when ``vocab_size`` is given)."""
+    import torch
+
+    with torch.device("meta"):
+        models = {**objective.build_models(vocab_size), **objective.frozen_models()}
+    seen = {id(p): p.numel() for m in models.values() for p in m.parameters()}
+    return sum(seen.values())
+
+
 def _prepare(args) -> int:
-    from overture.pretrain import build_objective
+    from .registry import build_objective
 
     recipe = load_recipe(args.recipe, args.overrides)
     objective = build_objective(recipe)
@@ -108,11 +132,23 @@ def _prepare(args) -> int:
 
 
 def _recipes(args) -> int:
-    import yaml
+    from .registry import build_objective
 
+    print(f"{'recipe':<14} {'family':<8} {'params':>8}  description")
     for name, path in bundled_recipes().items():
-        raw = yaml.safe_load(path.read_text()) or {}
-        print(f"{name:<16} {raw.get('description', '')}")
+        recipe = load_recipe(path)
+        params = count_parameters(build_objective(recipe), recipe.tokenizer.vocab_size)
+        print(f"{name:<14} {recipe.objective.name:<8} {params / 1e6:>7.1f}M  "
+              f"{recipe.description}")
+    return 0
+
+
+def _generate(args) -> int:
+    from .generate import generate
+
+    print(generate(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed))
     return 0
 
 

@@ -23,57 +23,31 @@ class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the key and what to do."""
 
 
-@dataclass
-class ModelConfig:
-    """Transformer sizes; the vocabulary size comes from the tokenizer."""
-
-    hidden_size: int = 768
-    """Width of the hidden states."""
-    num_hidden_layers: int = 12
-    """Number of encoder layers."""
-    num_attention_heads: int = 12
-    """Attention heads per layer; must divide hidden_size."""
-    intermediate_size: int = 3072
-    """Width of the feed-forward layer."""
-    max_position_embeddings: int = 512
-    """Longest sequence the position table holds (covers every phase's max_seq_len)."""
-    hidden_dropout_prob: float = 0.1
-    """Dropout on hidden states."""
-    attention_probs_dropout_prob: float = 0.1
-    """Dropout on attention probabilities."""
-    initializer_range: float = 0.02
-    """Std of the truncated-normal weight initialisation."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel: sdpa (torch scaled_dot_product_attention) or eager."""
-
-    def validate(self) -> None:
-        _positive(self, "model", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                  "intermediate_size", "max_position_embeddings")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"model.hidden_size={self.hidden_size} is not divisible by "
-                f"model.num_attention_heads={self.num_attention_heads}")
-        _choice(self, "model", "attn_implementation", ("sdpa", "eager"))
-        _fraction(self, "model", "hidden_dropout_prob", "attention_probs_dropout_prob")
+TOKENIZER_KINDS = ("wordpiece", "bpe", "unigram")
 
 
 @dataclass
 class TokenizerConfig:
-    """Train a WordPiece vocabulary, or load an existing tokenizer."""
+    """Train a vocabulary with `tokenizers` (the family's special tokens), or load one."""
 
     name_or_path: str | None = None
     """Existing tokenizer (local folder or Hub name); null trains one on the corpus."""
+    kind: str | None = None
+    """wordpiece (BERT), bpe (byte-level BPE: RoBERTa, GPT-2) or unigram (ALBERT,
+    SentencePiece-style); null: the family's own."""
     vocab_size: int = 30522
-    """Size of the trained WordPiece vocabulary, special tokens included."""
-    lowercase: bool = True
-    """Lowercase and strip accents before WordPiece (BERT uncased)."""
+    """Size of the trained vocabulary, special tokens included."""
+    lowercase: bool | None = None
+    """Lowercase (and, for WordPiece, strip accents); null: the family's default."""
     min_frequency: int = 2
     """Minimum count for a merged piece to enter the vocabulary."""
     train_max_mb: float = 512.0
     """Train the vocabulary on at most this many MB of the corpus (its start)."""
 
     def validate(self) -> None:
-        _positive(self, "tokenizer", "vocab_size", "min_frequency", "train_max_mb")
+        positive(self, "tokenizer", "vocab_size", "min_frequency", "train_max_mb")
+        if self.kind is not None:
+            choice(self, "tokenizer", "kind", TOKENIZER_KINDS)
 
 
 @dataclass
@@ -83,12 +57,15 @@ class DataConfig:
     corpus: list[str] = field(default_factory=lambda: ["default"])
     """Sources: file paths or globs (.txt .jsonl .json .csv .parquet), hf:NAME[:CONFIG]
     for a Hugging Face Hub dataset, or 'default' for the embedded corpus."""
+    eval_corpus: list[str] = field(default_factory=list)
+    """Held-out sources, same forms as corpus (e.g. WikiText's test.txt); when given,
+    evaluation uses them whole and data.eval_fraction is not held out of the corpus."""
     text_column: str = "text"
     """Column holding the document text in JSONL / CSV / Parquet / Hub sources."""
     hf_split: str = "train"
     """Split read from Hub datasets."""
     max_seq_len: int = 128
-    """Tokens per example, [CLS] and [SEP]s included."""
+    """Tokens per example, special tokens included (GPT: the block size)."""
     short_seq_prob: float = 0.1
     """Probability of a shorter target length (BERT: 0.1), to train on short inputs too."""
     dupe_factor: int = 1
@@ -100,59 +77,28 @@ class DataConfig:
     num_proc: int = 0
     """Worker processes for preprocessing; 0 uses every core."""
     chunk_mb: float = 4.0
-    """Documents are processed in windows of about this many MB; random NSP partners are
-    drawn from the same window, so it also bounds memory."""
+    """Documents are processed in windows of about this many MB; random NSP partners and
+    packed blocks come from the same window, so it also bounds memory."""
     cache_dir: str = "~/.cache/overture"
     """Where tokenizers and prepared examples are cached (env OVERTURE_CACHE overrides)."""
     seed: int = 12345
-    """Seed for pairing, masking (static) and the held-out split."""
+    """Seed for pairing, packing, masking (static) and the held-out split."""
 
     def validate(self) -> None:
         if not self.corpus:
             raise ConfigError("data.corpus is empty: give at least one file, glob, "
                               "hf:NAME or 'default'")
-        _positive(self, "data", "max_seq_len", "dupe_factor", "chunk_mb", "eval_max_examples")
+        positive(self, "data", "max_seq_len", "dupe_factor", "chunk_mb", "eval_max_examples")
         if self.max_seq_len < 8:
             raise ConfigError(f"data.max_seq_len={self.max_seq_len} is too short: "
                               "use at least 8 tokens")
-        _fraction(self, "data", "short_seq_prob", "eval_fraction")
+        fraction(self, "data", "short_seq_prob", "eval_fraction")
         if self.num_proc < 0:
             raise ConfigError(f"data.num_proc={self.num_proc} must be >= 0 (0 = all cores)")
 
     @property
     def resolved_cache_dir(self) -> Path:
         return Path(os.environ.get("OVERTURE_CACHE") or self.cache_dir).expanduser()
-
-
-@dataclass
-class ObjectiveConfig:
-    """Pretraining objective: masked LM (80/10/10) plus next-sentence prediction."""
-
-    name: str = "bert"
-    """Objective family; 'bert' = MLM + NSP."""
-    mlm_probability: float = 0.15
-    """Fraction of non-special tokens selected for prediction."""
-    max_predictions_per_seq: int = 20
-    """Cap on selected tokens per sequence (BERT: 20 at length 128, 80 at 512)."""
-    mask_replace_prob: float = 0.8
-    """Of the selected tokens, the fraction replaced by [MASK]."""
-    random_replace_prob: float = 0.1
-    """Of the selected tokens, the fraction replaced by a random token (rest kept)."""
-    masking: str = "static"
-    """static: masks drawn once at preprocessing, dupe_factor copies (BERT);
-    dynamic: masks re-drawn every time a sequence is seen (RoBERTa)."""
-    nsp: bool = True
-    """Train the next-sentence-prediction head."""
-
-    def validate(self) -> None:
-        _choice(self, "objective", "name", ("bert",))
-        _choice(self, "objective", "masking", ("static", "dynamic"))
-        _fraction(self, "objective", "mlm_probability", "mask_replace_prob", "random_replace_prob")
-        _positive(self, "objective", "max_predictions_per_seq", "mlm_probability")
-        if self.mask_replace_prob + self.random_replace_prob > 1:
-            raise ConfigError(
-                f"objective.mask_replace_prob + objective.random_replace_prob = "
-                f"{self.mask_replace_prob + self.random_replace_prob} exceeds 1")
 
 
 @dataclass
@@ -166,7 +112,7 @@ class Phase:
     batch_size: int | None = None
     """Overrides train.batch_size for this phase."""
     max_predictions_per_seq: int | None = None
-    """Overrides objective.max_predictions_per_seq for this phase."""
+    """Overrides objective.max_predictions_per_seq for this phase (masked-LM families)."""
 
 
 @dataclass
@@ -180,7 +126,7 @@ class TrainConfig:
     max_time: float | None = None
     """Wall-clock budget in minutes; the run checkpoints and exports when it runs out."""
     batch_size: int = 32
-    """Sequences per device per micro-batch."""
+    """Examples per device per micro-batch."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step."""
     optimizer: str = "adamw"
@@ -224,11 +170,11 @@ class TrainConfig:
     """Peak TFLOP/s of one device for the MFU estimate (null: known GPUs are looked up)."""
 
     def validate(self) -> None:
-        _positive(self, "train", "max_steps", "batch_size", "gradient_accumulation_steps",
+        positive(self, "train", "max_steps", "batch_size", "gradient_accumulation_steps",
                   "lr", "log_every", "eval_batches", "keep_last")
-        _choice(self, "train", "optimizer", ("adamw", "lamb"))
-        _choice(self, "train", "lr_schedule", ("linear", "cosine", "constant"))
-        _choice(self, "train", "mixed_precision", ("no", "fp16", "bf16"))
+        choice(self, "train", "optimizer", ("adamw", "lamb"))
+        choice(self, "train", "lr_schedule", ("linear", "cosine", "constant"))
+        choice(self, "train", "mixed_precision", ("no", "fp16", "bf16"))
         for name in ("warmup_steps", "eval_every", "save_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
@@ -238,13 +184,14 @@ class TrainConfig:
             raise ConfigError(f"train.resume={self.resume!r}: not 'auto', 'never' or an "
                               "existing checkpoint folder")
         for tracker in self.report_to:
-            _choice_value("train.report_to", tracker, ("tensorboard", "wandb", "comet_ml",
+            choice_value("train.report_to", tracker, ("tensorboard", "wandb", "comet_ml",
                                                        "mlflow", "aim", "clearml", "dvclive"))
 
 
 @dataclass
 class Recipe:
-    """A whole pretraining run."""
+    """A whole pretraining run. ``model`` and ``objective`` are the family's dataclasses
+    (overture.registry), chosen by ``objective.name``."""
 
     name: str = "run"
     """Run name (trackers, logs)."""
@@ -252,10 +199,12 @@ class Recipe:
     """One line shown by `overture recipes`."""
     output_dir: str = "runs/run"
     """Run folder: checkpoints/, final/, metrics.jsonl."""
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: Any = None
+    """The family's model section (sizes); the vocabulary size comes from the tokenizer."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: Any = None
+    """The family's objective section; ``name`` picks the family."""
     train: TrainConfig = field(default_factory=TrainConfig)
     phases: list[Phase] = field(default_factory=list)
     """Optional stages; each overrides sequence length, batch size and predictions cap."""
@@ -266,11 +215,15 @@ class Recipe:
         for i, phase in enumerate(self.phases):
             if phase.steps <= 0:
                 raise ConfigError(f"phases[{i}].steps={phase.steps} must be a positive integer")
+            if (phase.max_predictions_per_seq is not None
+                    and not hasattr(self.objective, "max_predictions_per_seq")):
+                raise ConfigError(f"phases[{i}].max_predictions_per_seq: objective "
+                                  f"{self.objective.name!r} has no masked-LM predictions")
+        key, limit = self.model.position_limit()
         for i, phase in enumerate(self.resolved_phases()):
-            if phase.max_seq_len > self.model.max_position_embeddings:
-                raise ConfigError(
-                    f"phase {i} max_seq_len={phase.max_seq_len} exceeds "
-                    f"model.max_position_embeddings={self.model.max_position_embeddings}")
+            if phase.max_seq_len > limit:
+                raise ConfigError(f"phase {i} max_seq_len={phase.max_seq_len} exceeds "
+                                  f"model.{key}={limit}")
 
     def resolved_phases(self) -> list[Phase]:
         """The phases with every field filled in (one phase when none are given)."""
@@ -278,8 +231,9 @@ class Recipe:
         return [Phase(steps=p.steps,
                       max_seq_len=p.max_seq_len or self.data.max_seq_len,
                       batch_size=p.batch_size or self.train.batch_size,
-                      max_predictions_per_seq=(p.max_predictions_per_seq
-                                               or self.objective.max_predictions_per_seq))
+                      max_predictions_per_seq=(
+                          p.max_predictions_per_seq
+                          or getattr(self.objective, "max_predictions_per_seq", None)))
                 for p in given]
 
     @property
@@ -311,7 +265,23 @@ def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None) -
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.max_steps=50)")
         _set_dotted(raw, key.strip(), _parse_scalar(value))
-    recipe = from_dict(Recipe, raw, where=str(path))
+    return recipe_from_dict(raw, where=str(path))
+
+
+def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
+    """A validated Recipe from a mapping; ``objective.name`` (default bert) picks the
+    family whose dataclasses type the ``model`` and ``objective`` sections."""
+    from .registry import get_family
+
+    objective = raw.get("objective") or {}
+    if not isinstance(objective, dict):
+        raise ConfigError(f"{where}: objective must be a mapping, got {objective!r}")
+    family = get_family(objective.get("name", "bert"))
+    recipe = from_dict(Recipe, raw, where=where,
+                       types={"model": family.model_config,
+                              "objective": family.objective_config})
+    recipe.model = recipe.model or family.model_config()
+    recipe.objective = recipe.objective or family.objective_config()
     recipe.validate()
     return recipe
 
@@ -359,14 +329,16 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(cls: type, data: Any, where: str, prefix: str = "") -> Any:
+def from_dict(cls: type, data: Any, where: str, prefix: str = "",
+              types: dict[str, type] | None = None) -> Any:
     """Build dataclass ``cls`` from a mapping, checking keys and types.
 
-    ``where`` (the file) and ``prefix`` (the dotted path so far) make error messages exact.
+    ``where`` (the file) and ``prefix`` (the dotted path so far) make error messages exact;
+    ``types`` overrides the declared type of some fields (the family's sections).
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {prefix or 'recipe'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = {**typing.get_type_hints(cls), **(types or {})}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -409,23 +381,23 @@ def _coerce(tp: Any, value: Any, where: str, dotted: str) -> Any:
     return value
 
 
-def _positive(obj: Any, section: str, *names: str) -> None:
+def positive(obj: Any, section: str, *names: str) -> None:
     for name in names:
         if getattr(obj, name) <= 0:
             raise ConfigError(f"{section}.{name}={getattr(obj, name)} must be positive")
 
 
-def _fraction(obj: Any, section: str, *names: str) -> None:
+def fraction(obj: Any, section: str, *names: str) -> None:
     for name in names:
         if not 0.0 <= getattr(obj, name) <= 1.0:
             raise ConfigError(f"{section}.{name}={getattr(obj, name)} must be between 0 and 1")
 
 
-def _choice(obj: Any, section: str, name: str, options: tuple[str, ...]) -> None:
-    _choice_value(f"{section}.{name}", getattr(obj, name), options)
+def choice(obj: Any, section: str, name: str, options: tuple[str, ...]) -> None:
+    choice_value(f"{section}.{name}", getattr(obj, name), options)
 
 
-def _choice_value(key: str, value: str, options: tuple[str, ...]) -> None:
+def choice_value(key: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
         close = difflib.get_close_matches(str(value), options, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,14 +1,10 @@
-"""The training loop, one for every recipe, on Hugging Face Accelerate.
+"""The training loop, one for every family, on Hugging Face Accelerate.
 
-It reads top to bottom: setup (objective, data, model, optimizer, resume) -> loop over
+It reads top to bottom: setup (objective, data, models, optimizers, resume) -> loop over
 phases and steps -> step (micro-batches, normalised loss, clip, update) -> finish
-(checkpoint, evaluation, Hugging Face export).
-
-An objective (see overture.pretrain) supplies: ``prepare(phase)`` (cached examples),
-``build_model()`` (a module that takes a collated batch and returns per-head loss sums
-``<head>_loss_sum`` and ``<head>_correct``, holding its Hugging Face model at ``.model``),
-``collator(phase)``, ``target_counts(batch)``, ``loss_heads()``, ``summarize()`` and
-``flops_per_token()``.
+(checkpoint, evaluation, export). It owns *when*; what is computed belongs to the
+objective (overture/objective.py), found by name in overture/registry.py. This module
+imports no family.
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -24,8 +21,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import export_final, find_resume_point, load_checkpoint, save_checkpoint
-from .config import Phase, Recipe
+from .config import ConfigError, Phase, Recipe
+from .data.prepare import IndexedDataset
+from .objective import Objective, Update
 from .optim import build_optimizer, build_scheduler
+from .registry import build_objective
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0
     """Micro-batches of this epoch already consumed (per process)."""
-    tokens_seen: int = 0
+    units_seen: int = 0
+    """Units (tokens, images) trained on so far, all processes, counted every step."""
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -64,12 +65,52 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.size
 
 
+@dataclass
+class Trainer:
+    """What the loop steps: the objective, its prepared models and one optimizer and
+    scheduler per ``Update`` (all keyed by name)."""
+
+    objective: Objective
+    models: dict
+    updates: list[Update]
+    optimizers: dict
+    schedulers: dict
+
+    def lr(self) -> float:
+        return self.schedulers[self.updates[0].name].get_last_lr()[0]
+
+
+def setup_trainer(recipe: Recipe, objective: Objective, accelerator) -> Trainer:
+    """Models, optimizers and schedulers, prepared by Accelerate (DDP, mixed precision)."""
+    from accelerate.utils import set_seed
+
+    cfg = recipe.train
+    models = objective.build_models()  # same initial weights on every rank
+    set_seed(cfg.seed, device_specific=True)  # but different dropout masks per rank
+    for module in objective.frozen_models().values():  # never wrapped, never stepped
+        module.requires_grad_(False).eval().to(accelerator.device)
+    updates = objective.updates()
+    optimizers = {u.name: build_optimizer([models[m] for m in u.models], cfg,
+                                          accelerator.device) for u in updates}
+    # an update that runs every k-th step takes ceil(total / k) scheduler steps
+    schedulers = {u.name: build_scheduler(optimizers[u.name], cfg,
+                                          math.ceil(recipe.total_steps / u.every))
+                  for u in updates}
+    names = list(models)
+    prepared = accelerator.prepare(*models.values(), *optimizers.values(),
+                                   *schedulers.values())
+    if len(names) + 2 * len(updates) == 1:
+        prepared = [prepared]
+    models = dict(zip(names, prepared[:len(names)]))
+    optimizers = dict(zip(optimizers, prepared[len(names):len(names) + len(updates)]))
+    schedulers = dict(zip(schedulers, prepared[len(names) + len(updates):]))
+    return Trainer(objective, models, updates, optimizers, schedulers)
+
+
 def train(recipe: Recipe, progress: bool = True) -> Path:
     """Run (or resume) a pretraining recipe; returns the ``final/`` folder."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-
-    from overture.pretrain import build_objective
 
     # ------------------------------------------------------------------ setup
     cfg = recipe.train
@@ -89,11 +130,7 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
     total_steps = recipe.total_steps
     with accelerator.main_process_first():  # rank 0 builds the cache, the others reuse it
         objective.prepare(phases[0], progress=progress and is_main)
-    model = objective.build_model()  # same initial weights on every rank
-    set_seed(cfg.seed, device_specific=True)  # but different dropout masks per rank
-    optimizer = build_optimizer(model, cfg, accelerator.device)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    trainer = setup_trainer(recipe, objective, accelerator)
 
     state = TrainState()
     if resume_from is not None:
@@ -104,6 +141,7 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
         accelerator.init_trackers(recipe.name, config=_flatten(recipe.to_dict()))
     peak = _peak_tflops(cfg.peak_tflops, accelerator.device)
     deadline = time.monotonic() + cfg.max_time * 60 if cfg.max_time else None
+    units = UnitCounter(state, accelerator)
 
     # ------------------------------------------------------------------ loop
     bar = _progress_bar(total_steps, state.step, progress and is_main)
@@ -126,22 +164,25 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
         micro_batches = _micro_batches(train_loader, sampler, collator, state, accelerator)
         interval = Interval(objective, accelerator)
         while state.step < phase_end:
-            step_stats = train_step(model, optimizer, scheduler, micro_batches, objective,
-                                    accelerator, cfg)
+            step_stats = train_step(trainer, micro_batches, accelerator, cfg, state.step)
             state.step += 1
+            units.add(step_stats["units"])
             interval.add(step_stats)
             bar.update(1)
             out_of_time = deadline is not None and _all_agree_time_is_up(deadline, accelerator)
             if state.step % cfg.log_every == 0 or state.step == total_steps or out_of_time:
-                record = interval.flush(state, scheduler, peak, phase)
-                bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                tok_s=f"{record['tokens_per_s']:,.0f}")
+                units.settle()
+                record = interval.flush(state, trainer.lr(), peak, phase)
+                unit = objective.unit
+                bar.set_postfix({"loss": f"{record['loss']:.3f}",
+                                 f"{unit}/s": f"{record[f'{unit}_per_s']:,.0f}"})
                 _log(record, metrics_log, accelerator, state.step)
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
                 _log({"split": "eval", "step": state.step,
-                      **evaluate(model, eval_loader, objective, accelerator, cfg.eval_batches)},
+                      **evaluate(trainer, eval_loader, accelerator, cfg.eval_batches)},
                      metrics_log, accelerator, state.step)
             if (cfg.save_every and state.step % cfg.save_every == 0) or out_of_time:
+                units.settle()
                 save_checkpoint(accelerator, recipe, state.step, asdict(state))
                 saved_step = state.step
             if out_of_time:
@@ -152,75 +193,104 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
     bar.close()
 
     # ------------------------------------------------------------------ finish
+    units.settle()
     if saved_step != state.step:
         save_checkpoint(accelerator, recipe, state.step, asdict(state))
     if eval_loader is not None:
         _log({"split": "eval", "step": state.step,
-              **evaluate(model, eval_loader, objective, accelerator, cfg.eval_batches)},
+              **evaluate(trainer, eval_loader, accelerator, cfg.eval_batches)},
              metrics_log, accelerator, state.step)
-    final = export_final(accelerator, recipe, model, objective.tokenizer)
+    final = export_final(accelerator, recipe, objective, trainer.models)
     accelerator.end_training()
     return final
 
 
-def train_step(model, optimizer, scheduler, micro_batches: Iterator[dict], objective,
-               accelerator, cfg) -> dict[str, torch.Tensor]:
-    """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg,
+               step: int) -> dict[str, torch.Tensor]:
+    """One optimizer step of every due update over ``gradient_accumulation_steps``
+    micro-batches.
 
     Each head's loss is its summed per-target loss divided by the number of targets in
     all micro-batches of all processes, times the process count (DDP averages gradients
     over processes): the gradient equals that of one batch holding everything.
     """
+    objective, models = trainer.objective, trainer.models
     batches = [next(micro_batches) for _ in range(cfg.gradient_accumulation_steps)]
-    heads = objective.loss_heads()
-    counts = {h: torch.stack([objective.target_counts(b)[h] for b in batches]).sum()
-              for h in objective.heads}
-    local = torch.stack([counts[h] for h in objective.heads]).float().to(accelerator.device)
-    global_counts = dict(zip(objective.heads, accelerator.reduce(local, "sum")))
+    heads = objective.heads
+    per_batch = [objective.target_counts(b) for b in batches]
+    counts = {h: torch.stack([c[h] for c in per_batch]).sum() for h in heads}
+    local = torch.stack([counts[h] for h in heads]).float().to(accelerator.device)
+    global_counts = dict(zip(heads, accelerator.reduce(local, "sum")))
     sums: dict[str, torch.Tensor] = {}
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        # Gradients are all-reduced once, on the last micro-batch.
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            out = model(**batch)
-            # A head that is off (objective.nsp=false) enters with weight 0: DDP needs a
-            # gradient, even a zero one, for every parameter.
-            loss = sum(out[f"{h}_loss_sum"] / global_counts[h].clamp(min=1)
-                       * (1.0 if h in heads else 0.0) for h in objective.heads)
-            accelerator.backward(loss * accelerator.num_processes)
-        for key, value in out.items():
-            sums[key] = sums.get(key, 0) + value.detach().float()
-    if cfg.max_grad_norm is not None:
-        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    tokens = sum(b["attention_mask"].sum() for b in batches)
-    return {**sums, **{f"{h}_count": counts[h].float() for h in objective.heads},
-            "tokens": tokens.float().to(accelerator.device)}
+    for update in trainer.updates:
+        if step % update.every:
+            continue
+        for module in models.values():  # another update's backward may have left grads
+            module.zero_grad(set_to_none=True)
+        for i, batch in enumerate(batches):
+            with contextlib.ExitStack() as stack:
+                if i < len(batches) - 1:  # gradients are all-reduced on the last only
+                    for module in models.values():
+                        stack.enter_context(accelerator.no_sync(module))
+                out = objective.forward(models, batch, update)
+                loss = sum(out[f"{h}_loss_sum"] / global_counts[h].clamp(min=1)
+                           for h in update.heads)
+                accelerator.backward(loss * accelerator.num_processes)
+            for key, value in out.items():
+                sums[key] = sums.get(key, 0) + value.detach().float()
+        params = [p for name in update.models for p in models[name].parameters()]
+        if cfg.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        trainer.optimizers[update.name].step()
+        trainer.schedulers[update.name].step()
+        trainer.optimizers[update.name].zero_grad(set_to_none=True)
+    units = torch.stack([torch.as_tensor(objective.count_units(b)) for b in batches]).sum()
+    return {**sums, **{f"{h}_count": counts[h].float() for h in heads},
+            "units": units.float().to(accelerator.device)}
 
 
 @torch.no_grad()
-def evaluate(model, loader, objective, accelerator, max_batches: int) -> dict[str, float]:
-    """Held-out metrics (MLM / NSP loss and accuracy, perplexity) over ``max_batches``."""
-    model.eval()
-    keys = [f"{h}_{k}" for h in objective.heads for k in ("loss_sum", "correct")]
-    totals = torch.zeros(len(keys) + len(objective.heads), device=accelerator.device)
+def evaluate(trainer: Trainer, loader, accelerator, max_batches: int) -> dict[str, float]:
+    """Held-out metrics of every head (and the objective's summary) over
+    ``max_batches`` batches."""
+    objective, models = trainer.objective, trainer.models
+    for module in models.values():
+        module.eval()
+    totals: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        out = model(**batch)
-        counts = objective.target_counts(batch)
-        totals += torch.stack([out[k].float() for k in keys]
-                              + [counts[h].float().to(accelerator.device)
-                                 for h in objective.heads])
-    model.train()
-    totals = accelerator.reduce(totals, "sum").tolist()
-    sums = dict(zip(keys, totals))
-    counts = dict(zip(objective.heads, totals[len(keys):]))
-    if not counts.get(objective.heads[0]):
+        out = objective.forward(models, batch, None)
+        counts = {f"{h}_count": c for h, c in objective.target_counts(batch).items()}
+        for key, value in {**out, **counts}.items():
+            totals[key] = totals.get(key, 0) + value.detach().float().to(accelerator.device)
+    for module in models.values():
+        module.train()
+    if not totals:
         return {}
-    return objective.summarize(sums, counts)
+    keys = sorted(totals)
+    values = dict(zip(keys, accelerator.reduce(torch.stack([totals[k] for k in keys]),
+                                               "sum").tolist()))
+    heads = objective.heads
+    if not values.get(f"{heads[0]}_count"):
+        return {}
+    return objective.summarize(values, {h: values[f"{h}_count"] for h in heads})
+
+
+class UnitCounter:
+    """Counts units every step on the device (no sync), and settles the total across
+    processes into ``state.units_seen`` at logs and checkpoints."""
+
+    def __init__(self, state: TrainState, accelerator):
+        self.state, self.accelerator = state, accelerator
+        self.pending = torch.zeros((), device=accelerator.device)
+
+    def add(self, units: torch.Tensor) -> None:
+        self.pending += units
+
+    def settle(self) -> None:
+        self.state.units_seen += int(self.accelerator.reduce(self.pending.clone(), "sum"))
+        self.pending.zero_()
 
 
 class Interval:
@@ -235,21 +305,18 @@ class Interval:
         for key, value in stats.items():
             self.totals[key] = self.totals.get(key, 0) + value
 
-    def flush(self, state: TrainState, scheduler, peak_tflops: float | None,
+    def flush(self, state: TrainState, lr: float, peak_tflops: float | None,
               phase: Phase) -> dict[str, float]:
         keys = sorted(self.totals)
         values = self.accelerator.reduce(torch.stack([self.totals[k] for k in keys]), "sum")
         t = dict(zip(keys, values.tolist()))
         heads = self.objective.heads
         metrics = self.objective.summarize(t, {h: t[f"{h}_count"] for h in heads})
-        elapsed = time.perf_counter() - self.started
-        state.tokens_seen += int(t["tokens"])
-        tokens_per_s = t["tokens"] / elapsed
-        tflops = self.objective.flops_per_token(phase.max_seq_len) * tokens_per_s / 1e12
-        record = {"split": "train", "step": state.step,
-                  "loss": sum(metrics[f"{h}_loss"] for h in self.objective.loss_heads()),
-                  **metrics, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_per_s,
-                  "tflops": tflops, "tokens_seen": state.tokens_seen,
+        unit = self.objective.unit
+        per_s = t["units"] / (time.perf_counter() - self.started)
+        tflops = self.objective.flops_per_unit(phase) * per_s / 1e12
+        record = {"split": "train", "step": state.step, **metrics, "lr": lr,
+                  f"{unit}_per_s": per_s, "tflops": tflops, f"{unit}_seen": state.units_seen,
                   "seq_len": phase.max_seq_len}
         if peak_tflops:
             record["mfu"] = tflops / (peak_tflops * self.accelerator.num_processes)
@@ -279,12 +346,8 @@ def _log(record: dict, metrics_log: MetricsLog | None, accelerator, step: int) -
 
 
 def _train_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
-    from overture.pretrain.text.bert import IndexedDataset
-
     per_step = phase.batch_size * accelerator.num_processes
     if len(dataset) < per_step:
-        from .config import ConfigError
-
         raise ConfigError(f"only {len(dataset)} training examples, fewer than one batch "
                           f"(train.batch_size={phase.batch_size} x {accelerator.num_processes} "
                           "processes): use a larger corpus or a smaller batch")
@@ -300,9 +363,7 @@ def _train_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
 
 
 def _eval_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
-    from overture.pretrain.text.bert import IndexedDataset
-
-    collator.epoch = -1  # fixed masks: evaluations are comparable across steps
+    collator.set_epoch(-1)  # fixed masks: evaluations are comparable across steps
     loader = torch.utils.data.DataLoader(
         IndexedDataset(dataset), batch_size=phase.batch_size, shuffle=False,
         collate_fn=collator, generator=torch.Generator().manual_seed(0))
@@ -313,7 +374,7 @@ def _micro_batches(loader, sampler: EpochSampler, collator, state: TrainState,
                    accelerator) -> Iterator[dict]:
     """Endless stream of micro-batches that keeps ``state`` at the data position."""
     while True:
-        collator.epoch = state.epoch
+        collator.set_epoch(state.epoch)
         # resume mid-epoch: skip the batches this epoch already consumed (not replayed)
         epoch_loader = (accelerator.skip_first_batches(loader, state.batch_in_epoch)
                         if state.batch_in_epoch else loader)

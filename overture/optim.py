@@ -8,14 +8,19 @@ from torch import nn
 from .config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device):
-    """AdamW (fused kernel where the device has one) or LAMB (timm), with weight decay
-    off for biases and normalisation weights, as BERT does."""
+def build_optimizer(modules: list[nn.Module], cfg: TrainConfig, device: torch.device):
+    """AdamW (fused kernel where the device has one) or LAMB (timm) over the trainable
+    parameters of ``modules``, with weight decay off for biases and normalisation
+    weights, as BERT does."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    seen: set[int] = set()  # a module may be listed twice or share weights
+    for module in modules:
+        for param in module.parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            # 1-D: biases and LayerNorm gains
+            (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     betas = (cfg.adam_beta1, cfg.adam_beta2)

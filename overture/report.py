@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .atomic import atomic_file
 from .config import ConfigError
 
-PANELS = [("loss", "loss"), ("lr", "learning rate"), ("tokens_per_s", "tokens / s"),
-          ("mlm_accuracy", "MLM accuracy"), ("nsp_accuracy", "NSP accuracy"),
-          ("perplexity", "perplexity")]
+# Panels in this order: the loss, the learning rate, throughput (<unit>_per_s), each head's
+# loss and accuracy (<head>_loss / <head>_accuracy), perplexity.
+FIRST = ("loss", "lr")
+LAST = ("perplexity",)
 
 
 def read_metrics(run_dir: Path) -> dict[str, dict[int, dict]]:
@@ -30,6 +32,17 @@ def read_metrics(run_dir: Path) -> dict[str, dict[int, dict]]:
     return by_split
 
 
+def _panels(by_split: dict) -> list[tuple[str, str]]:
+    """(metric key, title) of every plottable metric the log holds, in a stable order."""
+    keys = {k for records in by_split.values() for r in records.values() for k, v in r.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    middle = sorted(k for k in keys if k.endswith("_per_s")) + sorted(
+        k for k in keys if k.endswith(("_loss", "_accuracy")))
+    ordered = [k for k in (*FIRST, *middle, *LAST) if k in keys]
+    titles = {"lr": "learning rate"}
+    return [(k, titles.get(k, k.replace("_per_s", " / s").replace("_", " "))) for k in ordered]
+
+
 def write_report(run_dir: Path, output: Path | None = None) -> Path:
     """Draw every known metric against the step into one PNG; returns its path."""
     import matplotlib
@@ -38,8 +51,7 @@ def write_report(run_dir: Path, output: Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     by_split = read_metrics(run_dir)
-    panels = [(key, title) for key, title in PANELS
-              if any(key in r for records in by_split.values() for r in records.values())]
+    panels = _panels(by_split)
     if not panels:
         raise ConfigError(f"{run_dir}/metrics.jsonl holds no metric to plot")
     cols = 3
@@ -63,8 +75,7 @@ def write_report(run_dir: Path, output: Path | None = None) -> Path:
     fig.suptitle(Path(run_dir).resolve().name)
     fig.tight_layout()
     output = Path(output) if output else Path(run_dir) / "report.png"
-    tmp = output.with_name(output.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(output) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(output)
     return output

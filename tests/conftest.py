@@ -46,3 +46,23 @@ def make_recipe(cache_dir, real_text):
                                          "tokenizer.vocab_size=2048", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, cache_dir, real_text):
+    """A family's tiny recipe trained for a few steps, once per session: run folder."""
+    from helpers import tiny
+    from overture.engine import train
+
+    runs: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in runs:
+            run = tmp_path_factory.mktemp(f"trained-{family}") / "run"
+            train(tiny(family, run, cache_dir, real_text, "train.max_steps=4",
+                       "train.save_every=0", "train.eval_every=0", "train.log_every=2"),
+                  progress=False)
+            runs[family] = run
+        return runs[family]
+
+    return get

@@ -42,7 +42,7 @@ def test_pretrain_tiny_recipe_end_to_end(tiny_run):
     assert train_records[-1]["loss"] < train_records[0]["loss"]  # it learns
     assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 for r in train_records)
     assert {r["step"] for r in records if r["split"] == "eval"} == {15, 30}
-    assert "tok_s=" in done.stderr  # the progress bar shows throughput
+    assert "tokens/s=" in done.stderr  # the progress bar shows throughput
 
 
 def test_report_draws_a_png(tiny_run):
@@ -62,10 +62,10 @@ def test_dry_run_prints_recipe_parameters_and_data_statistics(tmp_path, cache_di
     assert "parameters: " in out
     stats = dict(line.strip().split(": ", 1) for line in out.splitlines()
                  if line.startswith("  ") and ": " in line and line.strip().split(": ")[0] in (
-                     "mask_rate", "mask_split_mask", "nsp_is_next", "padding_efficiency"))
+                     "mask_rate", "mask_split_mask", "nsp_label_1", "padding_efficiency"))
     assert abs(float(stats["mask_rate"]) - 0.15) < 0.01
     assert abs(float(stats["mask_split_mask"]) - 0.8) < 0.03
-    assert abs(float(stats["nsp_is_next"]) - 0.5) < 0.03
+    assert abs(float(stats["nsp_label_1"]) - 0.5) < 0.03
     assert 0 < float(stats["padding_efficiency"]) <= 1
     assert not (tmp_path / "runs").exists()  # nothing trained, nothing written
 
@@ -84,5 +84,13 @@ def test_missing_corpus_file_names_the_path(tmp_path):
 
 def test_recipes_lists_the_bundled_recipes(tmp_path):
     done = run_cli("recipes", cwd=tmp_path)
-    assert done.returncode == 0
-    assert "bert-tiny" in done.stdout and "bert-base" in done.stdout
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:]}
+    from overture.registry import list_families
+
+    for family in list_families():  # every family, with its size, e.g. "110.1M"
+        mine = [r for r in rows.values() if r[1] == family]
+        assert mine and all(r[2].endswith("M") and float(r[2][:-1]) > 0 for r in mine)
+    assert float(rows["bert-base"][2][:-1]) == pytest.approx(110, abs=1)
+    assert float(rows["gpt2-small"][2][:-1]) == pytest.approx(124, abs=1)
+    assert float(rows["albert-base"][2][:-1]) == pytest.approx(12, abs=0.5)

@@ -12,7 +12,7 @@ from overture.config import ConfigError
 from overture.data import prepare as prepare_module
 from overture.data.corpus import (CorpusStats, Source, default_corpus_path, iter_documents,
                                   resolve_sources)
-from overture.data.prepare import prepare
+from helpers import prepare
 
 
 def _docs(source: Source, stats: CorpusStats | None = None):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from overture.data.prepare import prepare
-from overture.pretrain.text.bert import BertObjective, IndexedDataset
+from helpers import prepare
+from overture.data.prepare import IndexedDataset
 from overture.pretrain.text.masking import (IGNORE_INDEX, MaskingSpec, mask_tokens,
                                             non_special_ids)
 
@@ -85,10 +85,8 @@ def test_max_predictions_per_seq_caps_each_row(dynamic_data):
 
 
 def _collate(recipe, data, indices, epoch):
-    objective = BertObjective(recipe)
-    objective.tokenizer = data.tokenizer
-    collator = objective.collator(recipe.resolved_phases()[0])
-    collator.epoch = epoch
+    collator = data.objective.collator(recipe.resolved_phases()[0])
+    collator.set_epoch(epoch)
     return collator(IndexedDataset(data.train).__getitems__(indices))
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..atomic import atomic_file
 from ..config import ConfigError
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".raw", ".tokens"}
@@ -169,11 +170,9 @@ def default_corpus_path(cache_dir: Path) -> Path:
     path = Path(cache_dir) / "default-corpus" / f"stdlib-docstrings-{tag}.txt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8") as out:
-            for doc in stdlib_docstring_documents():
+        with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+            for doc in stdlib_docstring_documents():  # a half-written corpus is never seen
                 out.write("\n".join(doc) + "\n\n")
-        os.replace(tmp, path)  # atomic: a half-written corpus is never seen
     return path
 
 

@@ -1,7 +1,9 @@
-"""Tokenizer: train a WordPiece vocabulary on the corpus, or load an existing tokenizer.
+"""Tokenizer: train a WordPiece, byte-level BPE or Unigram vocabulary with `tokenizers`,
+carrying the special tokens and pair template the family needs, or load an existing one.
 
-Trained tokenizers are cached by a fingerprint of corpus + settings and saved as a
-`transformers` fast tokenizer, so `AutoTokenizer.from_pretrained` loads them anywhere.
+Trained tokenizers are cached by a fingerprint of corpus + settings + family spec and
+saved as a `transformers` fast tokenizer of the family's class, so
+`AutoTokenizer.from_pretrained` loads them anywhere.
 """
 
 from __future__ import annotations
@@ -9,21 +11,40 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..atomic import COMPLETE, fresh_tmp_dir, publish_dir
 from ..config import ConfigError, DataConfig, TokenizerConfig
 from .corpus import CorpusStats, Source, corpus_fingerprint, iter_documents
 
 log = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-COMPLETE = "COMPLETE"
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What a family needs from its tokenizer."""
+
+    kind: str
+    """Default kind: wordpiece, bpe or unigram."""
+    lowercase: bool
+    """Default lowercasing."""
+    special_tokens: dict[str, str]
+    """Role -> token, e.g. {"cls_token": "[CLS]"}; trained vocabularies give them the
+    first ids, in this order."""
+    single: str | None = None
+    """Template for one text (TemplateProcessing syntax), e.g. "[CLS] $A [SEP]"."""
+    pair: str | None = None
+    """Template for a pair, e.g. "[CLS] $A [SEP] $B:1 [SEP]:1"."""
+    transformers_class: str = "PreTrainedTokenizerFast"
+    """The transformers tokenizer class the trained tokenizer is saved as."""
+    required: tuple[str, ...] = field(default=())
+    """Roles a loaded tokenizer must have (e.g. mask_token for masked LM)."""
 
 
-def load_or_train_tokenizer(cfg: TokenizerConfig, data: DataConfig, sources: list[Source]):
+def load_or_train_tokenizer(cfg: TokenizerConfig, data: DataConfig, sources: list[Source],
+                            spec: TokenizerSpec):
     """Return a transformers fast tokenizer: loaded from ``cfg.name_or_path`` or trained
     on the corpus (cached under ``data.cache_dir/tokenizers/<fingerprint>``)."""
     from transformers import AutoTokenizer
@@ -34,18 +55,19 @@ def load_or_train_tokenizer(cfg: TokenizerConfig, data: DataConfig, sources: lis
         except (OSError, ValueError) as err:
             raise ConfigError(f"tokenizer.name_or_path={cfg.name_or_path!r} could not be "
                               f"loaded: {err}") from err
-        missing = [t for t in ("cls_token", "sep_token", "mask_token", "pad_token")
-                   if getattr(tok, t) is None]
+        missing = [role for role in spec.required if getattr(tok, role, None) is None]
         if missing or not tok.is_fast:
             raise ConfigError(f"tokenizer.name_or_path={cfg.name_or_path!r} must be a fast "
-                              f"tokenizer with [CLS]/[SEP]/[MASK]/[PAD]; missing: {missing}")
+                              f"tokenizer with {', '.join(spec.required)}; missing: {missing}")
         return tok
+    kind = cfg.kind or spec.kind
+    lowercase = spec.lowercase if cfg.lowercase is None else cfg.lowercase
     key = hashlib.sha256(json.dumps(
-        [corpus_fingerprint(sources), cfg.vocab_size, cfg.lowercase, cfg.min_frequency,
-         cfg.train_max_mb]).encode()).hexdigest()[:16]
+        [corpus_fingerprint(sources), kind, lowercase, cfg.vocab_size, cfg.min_frequency,
+         cfg.train_max_mb, asdict(spec)], sort_keys=True).encode()).hexdigest()[:16]
     folder = data.resolved_cache_dir / "tokenizers" / key
     if not (folder / COMPLETE).exists():
-        _train(cfg, data, sources, folder)
+        _train(cfg, kind, lowercase, spec, data, sources, folder)
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -54,10 +76,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
-def _train(cfg: TokenizerConfig, data: DataConfig, sources: list[Source], folder: Path) -> None:
-    from tokenizers import Tokenizer
-    from tokenizers.implementations import BertWordPieceTokenizer
-    from transformers import BertTokenizerFast
+def _train(cfg: TokenizerConfig, kind: str, lowercase: bool, spec: TokenizerSpec,
+           data: DataConfig, sources: list[Source], folder: Path) -> None:
+    import transformers
+    from tokenizers import Tokenizer, processors
 
     budget = int(cfg.train_max_mb * 2**20)
     stats = CorpusStats()
@@ -69,24 +91,42 @@ def _train(cfg: TokenizerConfig, data: DataConfig, sources: list[Source], folder
                 if stats.bytes >= budget:
                     return
 
-    wordpiece = BertWordPieceTokenizer(lowercase=cfg.lowercase, strip_accents=cfg.lowercase)
-    wordpiece.train_from_iterator(lines(), vocab_size=cfg.vocab_size,
-                                  min_frequency=cfg.min_frequency,
-                                  special_tokens=SPECIAL_TOKENS, show_progress=False)
+    specials = list(spec.special_tokens.values())
+    specials = list(dict.fromkeys(specials))  # GPT-2 uses one token for several roles
+    trainer = _trainer(kind, lowercase, specials)
+    extra = {"unk_token": spec.special_tokens["unk_token"]} if kind == "unigram" else {
+        "min_frequency": cfg.min_frequency}
+    trainer.train_from_iterator(lines(), vocab_size=cfg.vocab_size, special_tokens=specials,
+                                show_progress=False, **extra)
     if stats.documents == 0:
         raise ConfigError(f"data.corpus {data.corpus}: the corpus holds no text "
                           f"(empty lines skipped: {stats.empty_lines_skipped})")
-    tok = BertTokenizerFast(tokenizer_object=Tokenizer.from_str(wordpiece.to_str()),
-                            do_lower_case=cfg.lowercase)
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    backend = Tokenizer.from_str(trainer.to_str())
+    if spec.single:
+        ids = [(t, backend.token_to_id(t)) for t in specials]
+        backend.post_processor = processors.TemplateProcessing(
+            single=spec.single, pair=spec.pair, special_tokens=ids)
+    tok_class = getattr(transformers, spec.transformers_class)
+    tok = tok_class(tokenizer_object=backend, **spec.special_tokens)
+    tmp = fresh_tmp_dir(folder)
     tok.save_pretrained(tmp)
     (tmp / COMPLETE).write_text(json.dumps({"trained_on_bytes": stats.bytes,
-                                            "vocab_size": len(tok)}))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process finished the same tokenizer first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("trained WordPiece vocabulary of %d on %.1f MB -> %s", len(tok),
+                                            "vocab_size": len(tok), "kind": kind}))
+    publish_dir(tmp, folder, replace=False)  # a concurrent trainer's result is as good
+    log.info("trained %s vocabulary of %d on %.1f MB -> %s", kind, len(tok),
              stats.bytes / 2**20, folder)
+
+
+def _trainer(kind: str, lowercase: bool, specials: list[str]):
+    from tokenizers import normalizers
+    from tokenizers.implementations import (BertWordPieceTokenizer, ByteLevelBPETokenizer,
+                                            SentencePieceUnigramTokenizer)
+
+    if kind == "wordpiece":
+        return BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase)
+    if kind == "bpe":
+        return ByteLevelBPETokenizer(lowercase=lowercase)
+    unigram = SentencePieceUnigramTokenizer()
+    if lowercase:
+        unigram.normalizer = normalizers.Sequence([unigram.normalizer, normalizers.Lowercase()])
+    return unigram

@@ -1,13 +1,23 @@
 """Masked-LM corruption: select tokens, then 80% [MASK] / 10% random / 10% unchanged.
 
-One vectorized function serves both static masking (applied once at preprocessing) and
-dynamic masking (applied by the collator every time a batch is drawn).
+One function serves static masking (applied once at preprocessing) and dynamic masking
+(applied by the collator every time a batch is drawn), for every selection scheme:
+
+- token level (BERT, RoBERTa): each non-special token is a candidate;
+- whole-word (``unit_start`` from the tokenizer's word ids) and knowledge masking (ERNIE
+  1.0: a listed phrase or entity is one unit), where a unit is masked whole or not at all;
+- n-gram spans (ALBERT): spans of n units, n <= max_ngram drawn with p(n) ∝ 1/n.
+
+In every scheme the number of selected tokens per sequence is ``mlm_probability`` of its
+candidates (the fraction rounded stochastically, so the expected rate is exact), capped
+at ``max_predictions_per_seq``, and the 80/10/10 split is drawn per selected token.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -24,6 +34,8 @@ class MaskingSpec:
     max_predictions_per_seq: int = 20
     mask_replace_prob: float = 0.8
     random_replace_prob: float = 0.1
+    max_ngram: int = 1
+    """Longest span, in units; 1 masks units independently."""
 
 
 def non_special_ids(tokenizer) -> torch.Tensor:
@@ -32,18 +44,24 @@ def non_special_ids(tokenizer) -> torch.Tensor:
     return torch.tensor(sorted(i for i in tokenizer.get_vocab().values() if i not in special))
 
 
+def ngram_probabilities(max_ngram: int) -> np.ndarray:
+    """p(n) ∝ 1/n for n = 1..max_ngram (ALBERT, Lan et al. 2020)."""
+    weights = 1.0 / np.arange(1, max_ngram + 1)
+    return weights / weights.sum()
+
+
 def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, spec: MaskingSpec,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator,
+                unit_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Corrupt a batch for masked-LM training.
 
     input_ids:    [B, L] token ids (padding included).
-    special_mask: [B, L] True where a token may never be selected ([CLS], [SEP], padding).
+    special_mask: [B, L] True where a token may never be selected (specials, padding).
+    unit_start:   [B, L] optional; 1 where a token starts a unit (word or phrase), 0 where
+                  it continues the previous token's unit. None: every token is a unit.
 
-    As in BERT's create_pretraining_data.py, each sequence gets a fixed number of
-    predictions, ``mlm_probability`` of its candidates capped at
-    ``max_predictions_per_seq``; the fractional part is rounded stochastically so the
-    expected rate is exactly ``mlm_probability``. Returns (corrupted ids [B, L],
-    labels [B, L]) with labels = original id where selected and -100 elsewhere.
+    Returns (corrupted ids [B, L], labels [B, L]) with labels = original id where
+    selected and -100 elsewhere.
     """
     batch, length = input_ids.shape
     candidates = (~special_mask).sum(dim=1)  # [B]
@@ -51,15 +69,10 @@ def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, spec: Maski
     count = expected.floor() + (torch.rand(batch, generator=generator, dtype=torch.float64)
                                 < expected - expected.floor())
     count = count.clamp(max=spec.max_predictions_per_seq).to(torch.long)  # [B]
-
-    # A random permutation of each row's candidates: rank tokens by a random score, with
-    # special tokens scored above every candidate so they rank last.
-    scores = torch.rand(batch, length, generator=generator)
-    scores.masked_fill_(special_mask, 2.0)
-    order = scores.argsort(dim=1)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(length).expand(batch, length))
-    selected = ranks < count[:, None]  # [B, L]
+    if unit_start is None and spec.max_ngram == 1:
+        selected = _select_tokens(special_mask, count, generator)
+    else:
+        selected = _select_spans(special_mask, unit_start, count, spec, generator)
 
     labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     decision = torch.rand(batch, length, generator=generator)
@@ -70,3 +83,73 @@ def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, spec: Maski
     corrupted = torch.where(to_mask, spec.mask_token_id, input_ids)
     corrupted = torch.where(to_random, spec.random_token_ids[pick], corrupted)
     return corrupted, labels
+
+
+def _select_tokens(special_mask: torch.Tensor, count: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """``count[b]`` distinct candidate tokens per row, uniformly (vectorized)."""
+    batch, length = special_mask.shape
+    # A random permutation of each row's candidates: rank tokens by a random score, with
+    # special tokens scored above every candidate so they rank last.
+    scores = torch.rand(batch, length, generator=generator)
+    scores.masked_fill_(special_mask, 2.0)
+    order = scores.argsort(dim=1)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(length).expand(batch, length))
+    return ranks < count[:, None]  # [B, L]
+
+
+def _select_spans(special_mask: torch.Tensor, unit_start: torch.Tensor | None,
+                  count: torch.Tensor, spec: MaskingSpec,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Whole units, in spans of n units with p(n) ∝ 1/n, until ``count[b]`` tokens.
+
+    n is drawn first and a span of that length is then placed uniformly among the free
+    places (not overlapping nor touching an earlier span, within one segment), so the
+    span lengths follow p(n) and not the leftovers of a crowded row. The last span, when
+    it would pass the row's budget, is kept with probability (budget left) / (its tokens),
+    which keeps the expected number of selected tokens equal to the budget.
+    """
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+    cdf = np.cumsum(ngram_probabilities(spec.max_ngram))
+    special = special_mask.numpy()
+    flags = np.ones_like(special) if unit_start is None else unit_start.numpy().astype(bool)
+    selected = np.zeros_like(special)
+    for b in range(special.shape[0]):
+        budget = int(count[b])
+        positions = np.flatnonzero(~special[b])
+        if budget == 0 or len(positions) == 0:
+            continue
+        # A candidate token starts a unit when flagged or when a special token precedes it
+        # (specials also separate segments: spans never cross them).
+        after_gap = np.r_[True, special[b][:-1]][positions]
+        starts = flags[b][positions] | after_gap
+        unit_of_token = np.cumsum(starts) - 1
+        first = np.flatnonzero(starts)
+        unit_tokens = np.diff(np.r_[first, len(positions)])
+        segment = np.cumsum(after_gap)[first]
+        units = len(first)
+        free = np.ones(units + 2, dtype=bool)  # free[u + 1]: unit u; both ends padded
+        taken = 0
+        while taken < budget:
+            n = int(np.searchsorted(cdf, rng.random(), side="right")) + 1
+            u = np.arange(max(units - n + 1, 0))
+            blocked = np.r_[0, np.cumsum(~free)]
+            # units u-1 .. u+n must be free: the span and a gap on each side
+            ok = (blocked[u + n + 2] - blocked[u] == 0) & (segment[u] == segment[u + n - 1])
+            valid = u[ok]
+            if len(valid) == 0:
+                if n == 1:
+                    break  # the row is full
+                continue
+            s = int(valid[rng.integers(len(valid))])
+            cost = int(unit_tokens[s:s + n].sum())
+            if taken + cost > budget:
+                keep = rng.random() < (budget - taken) / cost
+                if not keep or taken + cost > spec.max_predictions_per_seq:
+                    break
+            free[s + 1:s + n + 1] = False
+            taken += cost
+        chosen = ~free[1:-1]
+        selected[b, positions[chosen[unit_of_token]]] = True
+    return torch.from_numpy(selected)

@@ -45,14 +45,18 @@ def create_pairs(documents: list[list[list[int]]], max_seq_len: int, short_seq_p
     return examples
 
 
+def target_length(max_tokens: int, short_seq_prob: float, rng: random.Random) -> int:
+    """Mostly fill the sequence, but sometimes train on shorter ones so that the model sees
+    the short inputs of fine-tuning (the reference's short_seq_prob)."""
+    if rng.random() < short_seq_prob:
+        return rng.randint(2, max_tokens)
+    return max_tokens
+
+
 def _pairs_from_document(documents, index, max_seq_len, short_seq_prob, rng):
     document = documents[index]
     max_tokens = max_seq_len - 3  # [CLS] A [SEP] B [SEP]
-    # Mostly fill the sequence, but sometimes train on shorter ones so that the model sees
-    # the short inputs of fine-tuning (the reference's short_seq_prob).
-    target = max_tokens
-    if rng.random() < short_seq_prob:
-        target = rng.randint(2, max_tokens)
+    target = target_length(max_tokens, short_seq_prob, rng)
 
     out: list[PairExample] = []
     chunk: list[list[int]] = []

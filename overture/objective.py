@@ -1,0 +1,104 @@
+"""The objective contract: the engine owns *when*, an objective owns *what*.
+
+The engine (overture/engine.py) runs steps, accumulation, gradient sync, clipping,
+optimizer and scheduler steps, logging, evaluation, checkpoints and budgets for any
+family. A family is one class satisfying ``Objective`` below, registered by name in
+overture/registry.py. Its recipe sections ``model:`` and ``objective:`` are typed by the
+dataclasses it names in ``model_config`` and ``objective_config``.
+
+Losses come back as *sums* with target *counts*: the engine divides each head's sum by
+its count reduced over all micro-batches and processes, so gradient accumulation and data
+parallelism give exactly the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Update:
+    """One optimizer: which models it steps, on which loss heads, how often.
+
+    BERT has one update. A GAN has two: ``Update("discriminator", ("disc",), ("d",))``
+    every step and ``Update("generator", ("gen",), ("g",), every=k)``; the engine runs
+    them in list order within a step, on the same micro-batches.
+    """
+
+    name: str
+    models: tuple[str, ...]
+    """Keys of ``build_models()`` whose parameters this optimizer steps."""
+    heads: tuple[str, ...]
+    """Loss heads whose normalised sums are backpropagated in this update."""
+    every: int = 1
+    """Run on optimizer steps where ``step % every == 0`` (0-based)."""
+
+
+class Collator(Protocol):
+    """Turns dataset rows into a batch of tensors; re-seeded per epoch (dynamic masks)."""
+
+    def __call__(self, rows: dict) -> dict[str, torch.Tensor]: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+class Objective(Protocol):
+    """What a family gives the engine. Built as ``Family(recipe)``."""
+
+    model_config: ClassVar[type]
+    """Dataclass typing the recipe's ``model:`` section."""
+    objective_config: ClassVar[type]
+    """Dataclass typing the recipe's ``objective:`` section (its ``name`` is the family)."""
+    unit: ClassVar[str]
+    """What throughput counts: "tokens", "images"."""
+    heads: tuple[str, ...]
+    """Every loss head ``forward`` reports, e.g. ("mlm", "nsp")."""
+
+    def prepare(self, phase, progress: bool = True) -> Any:
+        """Cached examples for a phase (``overture.data.prepare.PreparedData``);
+        trains or loads the tokenizer / transforms on first call."""
+
+    def build_models(self, vocab_size: int | None = None) -> dict[str, nn.Module]:
+        """Trainable modules by name, identically initialised on every rank (each is
+        wrapped for DDP/FSDP). ``vocab_size`` overrides the tokenizer's (size estimates)."""
+
+    def frozen_models(self) -> dict[str, nn.Module]:
+        """Modules used but never trained (a frozen text encoder): kept out of DDP and of
+        every optimizer, moved to the device and put in eval mode by the engine."""
+
+    def updates(self) -> list[Update]:
+        """The optimizers and what each steps, in the order they run within a step."""
+
+    def collator(self, phase) -> Collator:
+        """Rows -> batch for this phase (masking happens here when it is dynamic)."""
+
+    def forward(self, models: dict[str, nn.Module], batch: dict[str, torch.Tensor],
+                update: Update | None) -> dict[str, torch.Tensor]:
+        """Summed statistics of one micro-batch: ``<head>_loss_sum`` for the heads of
+        ``update`` (every head when ``update`` is None, at evaluation) and any other sums
+        to report (``<head>_correct``)."""
+
+    def target_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per head: how many targets its loss sum covers in this micro-batch."""
+
+    def count_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many units of throughput (real tokens, images) this micro-batch holds."""
+
+    def summarize(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+        """Metrics from summed statistics and target counts; includes "loss"."""
+
+    def flops_per_unit(self, phase) -> float:
+        """Training FLOPs per unit, for achieved TFLOP/s and MFU."""
+
+    def data_report(self, data, phase) -> dict[str, float]:
+        """Statistics of what training will see (``--dry-run``)."""
+
+    def export(self, models: dict[str, nn.Module], state_dicts: dict[str, dict],
+               folder: Path) -> None:
+        """Write ``final/`` into ``folder`` in the family's native library format.
+        ``models`` are unwrapped; ``state_dicts`` gathered from every shard."""

@@ -1,0 +1,78 @@
+"""ALBERT (Lan et al. 2020): factorized embeddings (V x E then E x H), one set of layer
+weights shared across depth, sentence-order prediction, n-gram masking (n <= 3,
+p(n) ∝ 1/n), on transformers' AlbertForPreTraining with a Unigram vocabulary."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ...config import Phase, positive
+from ...data.tokenizer import TokenizerSpec
+from .builders import SentencePairs
+from .mlm import EncoderConfig, MaskedLMConfig, MaskedLMFamily, MaskedLMModule
+
+
+@dataclass
+class AlbertModelConfig(EncoderConfig):
+    """model: section of an ALBERT recipe (AlbertConfig names)."""
+
+    embedding_size: int = 128
+    """E: width of the token embeddings, projected to hidden_size (E << H)."""
+    num_hidden_groups: int = 1
+    """Groups of layers with their own weights; 1 = all layers share one set."""
+    inner_group_num: int = 1
+    """Layers inside a group."""
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "model", "embedding_size", "num_hidden_groups", "inner_group_num")
+
+
+@dataclass
+class AlbertObjectiveConfig(MaskedLMConfig):
+    """objective: section of an ALBERT recipe."""
+
+    name: str = "albert"
+    max_ngram: int = 3
+
+
+class Albert(MaskedLMFamily):
+    """ALBERT: Unigram, [CLS] A [SEP] B [SEP] pairs, n-gram MLM + SOP."""
+
+    model_config = AlbertModelConfig
+    objective_config = AlbertObjectiveConfig
+    # <pad>=0 <unk>=1 [CLS]=2 [SEP]=3 [MASK]=4, as albert-base-v2
+    tokenizer_spec = TokenizerSpec(
+        kind="unigram", lowercase=True,
+        special_tokens={"pad_token": "<pad>", "unk_token": "<unk>", "cls_token": "[CLS]",
+                        "sep_token": "[SEP]", "mask_token": "[MASK]"},
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        transformers_class="AlbertTokenizerFast",
+        required=("cls_token", "sep_token", "mask_token", "pad_token"))
+    token_types = True
+
+    @property
+    def sentence_task(self) -> str:
+        return "sop"
+
+    def builder(self, phase: Phase):
+        return SentencePairs(**self.builder_settings(phase), task="sop",
+                             cls_id=self.special_id("cls_token"),
+                             sep_id=self.special_id("sep_token"),
+                             short_seq_prob=self.recipe.data.short_seq_prob)
+
+    def hf_model(self, vocab_size: int) -> MaskedLMModule:
+        from transformers import AlbertConfig, AlbertForPreTraining
+
+        config = AlbertConfig(vocab_size=vocab_size, pad_token_id=self.special_id("pad_token"),
+                              bos_token_id=self.special_id("cls_token"),
+                              eos_token_id=self.special_id("sep_token"),
+                              **asdict(self.recipe.model))
+        return MaskedLMModule(AlbertForPreTraining(config), "albert", "predictions",
+                              "sop_classifier", "sop")
+
+    def flops_per_unit(self, phase: Phase) -> float:
+        m = self.recipe.model  # + the E x H projection of every token
+        return super().flops_per_unit(phase) + 6 * m.embedding_size * m.hidden_size

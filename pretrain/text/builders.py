@@ -1,0 +1,272 @@
+"""Text example builders for the generic preprocessing pipeline (overture.data.prepare).
+
+Each builder tokenizes a window of documents once (lines encoded whole, then split into
+sentences by character offsets, so byte-level BPE keeps its leading-space tokens) and
+cuts examples from the sentences: NSP or SOP pairs, packed sentences, or GPT blocks.
+
+For whole-word and knowledge masking a ``unit_start`` column (1 where a token starts a
+word or a listed phrase) travels with ``input_ids``. While examples are cut, each token is
+carried as ``id * 2 + unit_start`` so that pairing and truncation need not know about it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from .masking import IGNORE_INDEX, MaskingSpec, mask_tokens
+from .nsp import create_pairs
+from .packing import pack_blocks, pack_sentences
+from .sop import create_sop_pairs
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+
+
+@dataclass
+class StaticMasking:
+    """Masks drawn once at preprocessing (BERT's static masking); picklable settings."""
+
+    mask_token_id: int
+    random_token_ids: tuple[int, ...]
+    mlm_probability: float
+    max_predictions_per_seq: int
+    mask_replace_prob: float
+    random_replace_prob: float
+    max_ngram: int
+
+    def spec(self) -> MaskingSpec:
+        import torch
+
+        return MaskingSpec(self.mask_token_id, torch.tensor(self.random_token_ids),
+                           self.mlm_probability, self.max_predictions_per_seq,
+                           self.mask_replace_prob, self.random_replace_prob, self.max_ngram)
+
+
+@dataclass
+class TextBuilder:
+    """Shared by every text builder: tokenization, units, Arrow output, static masks."""
+
+    tokenizer_json: str
+    tokenizer_fingerprint: str
+    max_seq_len: int
+    special_ids: tuple[int, ...]
+    """Ids never masked (cls, sep, pad, ...)."""
+    units: str = "token"
+    """token, word (whole-word masking) or knowledge (listed phrases are units)."""
+    phrases: tuple[str, ...] = ()
+    """Phrases / entities for knowledge masking, matched on word boundaries."""
+    lowercase: bool = False
+    """Match phrases case-insensitively (the tokenizer lowercases)."""
+    static_masking: StaticMasking | None = None
+    label_column: str | None = field(default=None, init=False)
+
+    # ------------------------------------------------------------------ pipeline protocol
+    def schema(self) -> pa.Schema:
+        cols = [("input_ids", pa.list_(pa.int32()))]
+        if self.units != "token":
+            cols.append(("unit_start", pa.list_(pa.int8())))
+        if self.label_column:
+            cols.append((self.label_column, pa.int8()))
+        if self.static_masking:
+            cols += [("mlm_positions", pa.list_(pa.int16())), ("mlm_ids", pa.list_(pa.int32()))]
+        return pa.schema(cols)
+
+    def cache_key(self) -> dict:
+        key = {k: v for k, v in vars(self).items()
+               if not k.startswith("_") and k != "tokenizer_json"}
+        key["phrases"] = hashlib.sha256("\n".join(self.phrases).encode()).hexdigest()
+        key["builder"] = type(self).__name__
+        key["static_masking"] = vars(self.static_masking) if self.static_masking else None
+        return key
+
+    def setup(self) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        self._phrase_re = None
+        if self.phrases:
+            alternatives = "|".join(re.escape(p) for p in sorted(self.phrases, key=len,
+                                                                   reverse=True))
+            self._phrase_re = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)",
+                                         re.IGNORECASE if self.lowercase else 0)
+
+    def build(self, docs, tag, copies):
+        counts: Counter = Counter()
+        tokenized = self.tokenize(docs, self.piece_length(), counts)
+        batches = []
+        for copy in range(copies):
+            rows, labels = self.examples(tokenized, random.Random(f"{tag}-{copy}"), counts)
+            batches.append(self.to_batch(rows, labels, f"{tag}-{copy}"))
+            counts["tokens"] += sum(map(len, rows))
+        return batches, counts
+
+    # ------------------------------------------------------------------ family specifics
+    def piece_length(self) -> int:
+        """Longest segment an example can hold (longer sentences are cut into pieces)."""
+        raise NotImplementedError
+
+    def examples(self, documents, rng: random.Random,
+                 counts: Counter) -> tuple[list[list[int]], list[int] | None]:
+        """Rows of encoded tokens (specials included) and their labels, if any."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ shared steps
+    def encode(self, token_id: int) -> int:
+        """A special token in the encoded form (starts its own unit)."""
+        return token_id * 2 + 1 if self.units != "token" else token_id
+
+    def tokenize(self, docs: list[list[str]], piece: int,
+                 counts: Counter) -> list[list[list[int]]]:
+        """Documents -> lists of sentences -> token ids (encoded with units when needed)."""
+        lines = [line for doc in docs for line in doc]
+        owners = [d for d, doc in enumerate(docs) for _ in doc]
+        encodings = self._tokenizer.encode_batch(lines, add_special_tokens=False)
+        out: list[list[list[int]]] = [[] for _ in docs]
+        for d, line, enc in zip(owners, lines, encodings):
+            if not enc.ids:
+                continue
+            values = np.asarray(enc.ids, dtype=np.int64)
+            if self.units != "token":
+                values = values * 2 + self._unit_starts(line, enc, counts)
+            token_starts = np.asarray([o[0] for o in enc.offsets])
+            sentence_starts = [0] + [m.end() for m in _SENTENCE_END.finditer(line)]
+            sentence = np.searchsorted(sentence_starts, token_starts, side="right")
+            bounds = np.flatnonzero(np.diff(sentence)) + 1
+            for part in np.split(values, bounds):
+                for start in range(0, len(part), piece):
+                    chunk = part[start:start + piece].tolist()
+                    if self.units != "token":
+                        chunk[0] |= 1  # a cut piece starts a unit
+                    out[d].append(chunk)
+        return [doc for doc in out if doc]
+
+    def _unit_starts(self, line: str, enc, counts: Counter) -> np.ndarray:
+        words = np.asarray([-1 if w is None else w for w in enc.word_ids])
+        starts = np.r_[True, words[1:] != words[:-1]]
+        if self._phrase_re is not None:
+            token_starts = np.asarray([o[0] for o in enc.offsets])
+            for match in self._phrase_re.finditer(line):
+                inside = np.flatnonzero((token_starts >= match.start())
+                                        & (token_starts < match.end()))
+                if len(inside) > 1:
+                    starts[inside[1:]] = False  # the phrase is one unit
+                counts["phrases_matched"] += 1
+        return starts.astype(np.int64)
+
+    def to_batch(self, rows: list[list[int]], labels: list[int] | None,
+                 tag: str) -> pa.RecordBatch:
+        """Rows -> one Arrow record batch from flat arrays and offsets; with static
+        masking the masks are drawn here, once."""
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64,
+                           count=int(lengths.sum()))
+        columns = {}
+        if self.units != "token":
+            columns["unit_start"] = _list_array(lengths, (flat & 1).astype(np.int8))
+            flat = flat >> 1
+        if self.label_column:
+            columns[self.label_column] = pa.array(labels, pa.int8())
+        if self.static_masking:
+            if len(rows):
+                flat, positions, ids, counts = self._mask(flat, lengths, columns, tag)
+            else:
+                positions = ids = counts = np.zeros(0, np.int64)
+            columns["mlm_positions"] = _list_array(counts, positions.astype(np.int16))
+            columns["mlm_ids"] = _list_array(counts, ids.astype(np.int32))
+        columns["input_ids"] = _list_array(lengths, flat.astype(np.int32))
+        schema = self.schema()
+        return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+    def _mask(self, flat, lengths, columns, tag):
+        import torch
+
+        width = int(lengths.max()) if len(lengths) else 0
+        real = np.arange(width)[None, :] < lengths[:, None]  # [N, W]
+        ids = np.zeros((len(lengths), width), dtype=np.int64)
+        ids[real] = flat
+        ids = torch.from_numpy(ids)
+        special = torch.from_numpy(np.isin(ids.numpy(), self.special_ids) | ~real)
+        units = None
+        if "unit_start" in columns:
+            units = np.zeros((len(lengths), width), dtype=np.int8)
+            units[real] = columns["unit_start"].values.to_numpy()
+            units = torch.from_numpy(units)
+        seed = int.from_bytes(hashlib.sha256(f"mask-{tag}".encode()).digest()[:8],
+                              "little") & (2**63 - 1)
+        corrupted, labels = mask_tokens(ids, special, self.static_masking.spec(),
+                                        torch.Generator().manual_seed(seed), units)
+        selected = labels.numpy() != IGNORE_INDEX
+        _, cols = np.nonzero(selected)
+        return (corrupted.numpy()[real], cols, labels.numpy()[selected],
+                selected.sum(axis=1))
+
+
+@dataclass
+class SentencePairs(TextBuilder):
+    """[CLS] A [SEP] B [SEP] pairs with a sentence label: NSP (BERT) or SOP (ALBERT)."""
+
+    task: str = "nsp"
+    cls_id: int = 0
+    sep_id: int = 0
+    short_seq_prob: float = 0.1
+
+    def __post_init__(self):
+        self.label_column = "sentence_label"
+
+    def piece_length(self) -> int:
+        return self.max_seq_len - 3
+
+    def examples(self, documents, rng, counts):
+        make = create_pairs if self.task == "nsp" else create_sop_pairs
+        pairs = make(documents, self.max_seq_len, self.short_seq_prob, rng)
+        cls, sep = self.encode(self.cls_id), self.encode(self.sep_id)
+        rows = [[cls, *p.tokens_a, sep, *p.tokens_b, sep] for p in pairs]
+        labels = [p.label for p in pairs]
+        counts["label_1"] += sum(labels)
+        counts["label_0"] += len(labels) - sum(labels)
+        return rows, labels
+
+
+@dataclass
+class PackedSentences(TextBuilder):
+    """<s> sentences ... </s> inputs: RoBERTa's FULL-SENTENCES or DOC-SENTENCES."""
+
+    cls_id: int = 0
+    sep_id: int = 0
+    cross_documents: bool = True
+
+    def piece_length(self) -> int:
+        return self.max_seq_len - 2
+
+    def examples(self, documents, rng, counts):
+        cls, sep = self.encode(self.cls_id), self.encode(self.sep_id)
+        blocks = pack_sentences(documents, self.max_seq_len - 2, sep, self.cross_documents,
+                                counts)
+        return [[cls, *block, sep] for block in blocks], None
+
+
+@dataclass
+class CausalBlocks(TextBuilder):
+    """GPT: documents joined with end-of-text, cut into full blocks of max_seq_len."""
+
+    end_of_text_id: int = 0
+
+    def piece_length(self) -> int:
+        return self.max_seq_len
+
+    def examples(self, documents, rng, counts):
+        return pack_blocks(documents, self.max_seq_len, self.encode(self.end_of_text_id),
+                           counts), None
+
+
+def _list_array(lengths, values) -> pa.ListArray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))

@@ -1,0 +1,149 @@
+"""GPT (Radford et al. 2018, 2019): causal language modelling on transformers'
+GPT2LMHeadModel (SDPA attention), byte-level BPE, documents joined by <|endoftext|> and
+cut into full blocks (no padding), labels = inputs (the model predicts the next token)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import ConfigError, Phase, choice, fraction, positive
+from ...data.tokenizer import TokenizerSpec
+from ...objective import Update
+from .builders import CausalBlocks
+from .common import TextFamily, transformer_flops_per_token
+
+EOT = "<|endoftext|>"
+
+
+@dataclass
+class GptModelConfig:
+    """model: section of a GPT recipe (GPT2Config names)."""
+
+    n_embd: int = 768
+    """Width of the hidden states."""
+    n_layer: int = 12
+    """Number of decoder blocks."""
+    n_head: int = 12
+    """Attention heads per block; must divide n_embd."""
+    n_inner: int | None = None
+    """Width of the feed-forward layer (null: 4 x n_embd)."""
+    n_positions: int = 1024
+    """Longest sequence the position table holds (covers every phase's max_seq_len)."""
+    resid_pdrop: float = 0.1
+    """Dropout on residual branches."""
+    embd_pdrop: float = 0.1
+    """Dropout on embeddings."""
+    attn_pdrop: float = 0.1
+    """Dropout on attention probabilities."""
+    initializer_range: float = 0.02
+    """Std of the normal weight initialisation."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa (torch scaled_dot_product_attention) or eager."""
+
+    def validate(self) -> None:
+        positive(self, "model", "n_embd", "n_layer", "n_head", "n_positions")
+        if self.n_inner is not None:
+            positive(self, "model", "n_inner")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by "
+                              f"model.n_head={self.n_head}")
+        choice(self, "model", "attn_implementation", ("sdpa", "eager"))
+        fraction(self, "model", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+    def position_limit(self) -> tuple[str, int]:
+        return "n_positions", self.n_positions
+
+
+@dataclass
+class GptObjectiveConfig:
+    """objective: section of a GPT recipe (next-token prediction has no settings)."""
+
+    name: str = "gpt"
+
+    def validate(self) -> None:
+        choice(self, "objective", "name", ("gpt",))
+
+
+class BlockCollator:
+    """Stacks full blocks: input_ids [B, L], labels = input_ids, attention_mask ones."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # nothing random
+
+    def __call__(self, rows: dict) -> dict[str, torch.Tensor]:
+        ids = torch.as_tensor(rows["columns"]["input_ids"], dtype=torch.long)  # [B, L]
+        return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+
+
+class CausalLMModule(nn.Module):
+    """Training view of GPT2LMHeadModel: summed next-token loss over the batch."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, attention_mask=None) -> dict[str, torch.Tensor]:
+        hidden = self.model.transformer(input_ids=input_ids).last_hidden_state  # [B, L, H]
+        # Position i predicts token i + 1: the last position has no target.
+        logits = self.model.lm_head(hidden[:, :-1])  # [B, L-1, V]
+        targets = labels[:, 1:].reshape(-1)  # [B(L-1)]
+        logits = logits.reshape(-1, logits.shape[-1])
+        return {"lm_loss_sum": F.cross_entropy(logits.float(), targets, reduction="sum"),
+                "lm_correct": (logits.argmax(-1) == targets).sum()}
+
+
+class Gpt(TextFamily):
+    """The objective contract for causal LM (GPT-2 architecture)."""
+
+    model_config = GptModelConfig
+    objective_config = GptObjectiveConfig
+    tokenizer_spec = TokenizerSpec(
+        kind="bpe", lowercase=False,
+        special_tokens={"bos_token": EOT, "eos_token": EOT, "unk_token": EOT},
+        transformers_class="GPT2TokenizerFast", required=("eos_token",))
+    lm_head = "lm"
+
+    def builder(self, phase: Phase) -> CausalBlocks:
+        return CausalBlocks(**self.builder_settings(phase),
+                            end_of_text_id=self.special_id("eos_token"))
+
+    def collator(self, phase: Phase) -> BlockCollator:
+        return BlockCollator()
+
+    def build_models(self, vocab_size: int | None = None) -> dict[str, nn.Module]:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        eot = self.special_id("eos_token")
+        m = self.recipe.model
+        config = GPT2Config(vocab_size=vocab_size or len(self.tokenizer),
+                            bos_token_id=eot, eos_token_id=eot, **vars(m))
+        return {"model": CausalLMModule(GPT2LMHeadModel(config))}
+
+    def updates(self) -> list[Update]:
+        return [Update("model", ("model",), ("lm",))]
+
+    def forward(self, models, batch, update) -> dict[str, torch.Tensor]:
+        return models["model"](**batch)
+
+    def target_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids = batch["input_ids"]
+        return {"lm": torch.tensor(ids.shape[0] * (ids.shape[1] - 1), device=ids.device)}
+
+    def flops_per_unit(self, phase: Phase) -> float:
+        m = self.recipe.model
+        return transformer_flops_per_token(m.n_layer, m.n_embd, m.n_inner or 4 * m.n_embd,
+                                           phase.max_seq_len)
+
+    def data_report(self, data, phase: Phase) -> dict[str, float]:
+        """Block counts and how much of the stream the last partial block of each
+        window drops."""
+        stats = data.stats
+        kept = stats["train_tokens"]
+        dropped = stats.get("train_tokens_dropped", 0)
+        return {"train_examples": stats["train_examples"],
+                "eval_examples": stats["eval_examples"], "block_size": phase.max_seq_len,
+                "train_tokens": kept, "dropped_fraction": dropped / max(kept + dropped, 1)}

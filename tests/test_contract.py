@@ -1,0 +1,216 @@
+"""The objective contract, checked for every registered family (overture/registry.py).
+
+A new family gets these tests by adding its registry line and a ``<family>-tiny``
+recipe: a few steps learn, one batch of 8 equals two accumulated batches of 4, a resumed
+run equals the uninterrupted one, final/ reloads in a process without overture with the
+same logits, and --dry-run reports its data statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import prepare, records, tiny
+from overture.atomic import COMPLETE
+from overture.checkpoint import latest_checkpoint
+from overture.config import bundled_recipes, load_recipe
+from overture.data.prepare import IndexedDataset
+from overture.engine import Trainer, train, train_step
+from overture.registry import build_objective, list_families
+
+FAMILIES = list_families()
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, real_text) -> Path:
+    """~12 kB of real text: a few dozen examples, so short runs cross epochs."""
+    path = tmp_path_factory.mktemp("small") / "small.txt"
+    path.write_text(real_text.read_text(encoding="utf-8")[:12_000], encoding="utf-8")
+    return path
+
+
+def test_every_family_has_a_tiny_and_a_full_size_recipe():
+    recipes = bundled_recipes()
+    for family in FAMILIES:
+        assert f"{family}-tiny" in recipes, family
+        assert any(load_recipe(path).objective.name == family
+                   for name, path in recipes.items() if not name.endswith("-tiny")), family
+
+
+def test_the_engine_imports_no_family():
+    script = ("import sys, overture.engine, overture.checkpoint, overture.cli; "
+              "print([m for m in sys.modules if m.startswith('overture.pretrain')])")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_batch_of_8_equals_two_accumulated_batches_of_4(family, cache_dir, real_text):
+    from accelerate import Accelerator
+
+    recipe = tiny(family, "unused", cache_dir, real_text)
+    data = prepare(recipe)
+    objective = data.objective
+    big = objective.collator(recipe.resolved_phases()[0])(
+        IndexedDataset(data.train).__getitems__(list(range(8))))
+    # the same rows, masks and padding, split in two
+    halves = [{k: v[:4] for k, v in big.items()}, {k: v[4:] for k, v in big.items()}]
+    accelerator = Accelerator(cpu=True)
+
+    def one_step(batches: list[dict]) -> torch.Tensor:
+        torch.manual_seed(0)
+        models = objective.build_models()
+        for module in models.values():
+            module.eval()  # no dropout: both runs see the same function
+        updates = objective.updates()
+        # Plain SGD at lr 1: new parameters = old - gradient, so any error in the loss
+        # normalisation (a factor, a double division) shows in the parameters.
+        optimizers = {u.name: torch.optim.SGD(
+            [p for m in u.models for p in models[m].parameters()], lr=1.0) for u in updates}
+        schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+                      for name, opt in optimizers.items()}
+        cfg = recipe.train
+        cfg.gradient_accumulation_steps, cfg.max_grad_norm = len(batches), None
+        trainer = Trainer(objective, models, updates, optimizers, schedulers)
+        train_step(trainer, iter(batches), accelerator, cfg, step=0)
+        return torch.cat([p.detach().flatten() for m in models.values()
+                          for p in m.parameters()])
+
+    torch.manual_seed(0)
+    initial = torch.cat([p.detach().flatten() for m in objective.build_models().values()
+                         for p in m.parameters()])
+    straight, accumulated = one_step([big]), one_step(halves)
+    assert (straight - initial).abs().max() > 1e-3  # the step really moved the weights
+    assert torch.allclose(straight, accumulated, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_resumed_run_reproduces_the_uninterrupted_one(family, tmp_path, small_corpus):
+    run = tmp_path / "run"
+    base = ("train.log_every=1", "train.eval_every=0", "train.batch_size=4",
+            "train.keep_last=5", "data.max_seq_len=32")
+
+    def recipe(*extra):
+        return tiny(family, run, tmp_path / "cache", small_corpus, *base, *extra)
+
+    # the checkpoint it resumes from lies inside the second epoch
+    per_epoch = len(prepare(recipe()).train) // 4
+    assert per_epoch >= 2, "corpus too small for this test"
+    resume_at, total = per_epoch + 1, per_epoch + 4
+    overrides = (f"train.max_steps={total}", f"train.save_every={resume_at}")
+    train(recipe(*overrides), progress=False)
+    straight = records(run)
+    assert sorted(straight) == list(range(1, total + 1))
+    assert straight[total]["loss"] < straight[1]["loss"]  # a few steps learn
+
+    # Simulate a crash after step `resume_at`: the later checkpoint, final/ and the log
+    # are lost, and a half-written checkpoint without its marker is left behind.
+    checkpoints = run / "checkpoints"
+    shutil.rmtree(checkpoints / f"step-{total:06d}")
+    shutil.rmtree(run / "final")
+    half = checkpoints / f"step-{total - 1:06d}"
+    shutil.copytree(checkpoints / f"step-{resume_at:06d}", half)
+    (half / COMPLETE).unlink()
+    assert latest_checkpoint(run).name == f"step-{resume_at:06d}"
+    state = json.loads((checkpoints / f"step-{resume_at:06d}" / "train_state.json").read_text())
+    assert state["epoch"] == 1 and state["batch_in_epoch"] == 1
+    (run / "metrics.jsonl").write_text("")
+
+    train(recipe(*overrides, "train.resume=auto"), progress=False)
+    resumed = records(run)
+    assert sorted(resumed) == list(range(resume_at + 1, total + 1))  # continued, not restarted
+    losses = [k for k in straight[total] if k == "loss" or k.endswith("_loss")]
+    for step in resumed:
+        for key in [*losses, "tokens_seen"]:
+            assert resumed[step][key] == pytest.approx(straight[step][key], abs=1e-5), (step, key)
+    assert (run / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_final_reloads_without_overture_and_gives_the_same_logits(family, trained, tmp_path):
+    from safetensors.torch import load_file
+
+    run = trained(family)
+    final = run / "final"
+    text, pair = "The cat sat on the mat. It was warm.", "Then it left."
+    # A Python that never imports overture loads final/ with plain Auto classes.
+    script = textwrap.dedent(f"""
+        import json, sys, torch
+        from transformers import AutoConfig, AutoModelForPreTraining, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained({str(final)!r})
+        model = AutoModelForPreTraining.from_pretrained({str(final)!r}).eval()
+        enc = tok({text!r}, return_tensors="pt")
+        with torch.no_grad():
+            out = model(**enc)
+        assert not any(m.startswith("overture") for m in sys.modules)
+        json.dump({{"ids": enc["input_ids"].tolist(), "type": type(model).__name__,
+                   "architecture": AutoConfig.from_pretrained({str(final)!r}).architectures[0],
+                   "max_length": tok.model_max_length,
+                   "pair": tok({text!r}, {pair!r})["input_ids"],
+                   "logits": out[0].tolist()}}, sys.stdout)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = json.loads(done.stdout)
+    assert loaded["type"] == loaded["architecture"]
+
+    # The trained weights as the training state saved them (not through final/), in the
+    # family's own training module.
+    recipe = load_recipe(final / "recipe.yaml")
+    objective = build_objective(recipe)
+    objective.prepare(recipe.resolved_phases()[0], progress=False)
+    model = objective.build_models()["model"]
+    state = load_file(str(latest_checkpoint(run) / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected
+    model.model.tie_weights()
+    model.eval()
+    tok = objective.tokenizer
+    enc = tok(text, return_tensors="pt")
+    assert enc["input_ids"].tolist() == loaded["ids"]  # the tokenizer round-trips
+    assert tok(text, pair)["input_ids"] == loaded["pair"]  # with its pair template
+    assert loaded["max_length"] == objective.max_length()  # the Hub user's length limit
+    with torch.no_grad():
+        out = model.model(**enc)
+    assert torch.allclose(out[0], torch.tensor(loaded["logits"]), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dry_run_reports_parameters_and_data_statistics(family, cache_dir, real_text,
+                                                        tmp_path, capsys):
+    from overture.cli import main
+
+    assert main(["pretrain", f"{family}-tiny", "--dry-run", f"data.cache_dir={cache_dir}",
+                 f"data.corpus=[{real_text}]", "data.num_proc=1", "tokenizer.vocab_size=1024",
+                 "tokenizer.min_frequency=1", f"output_dir={tmp_path / 'run'}"]) == 0
+    out = capsys.readouterr().out
+    assert f"name: {family}" in out and "parameters: " in out
+    stats = {}
+    for line in out.split("# data statistics", 1)[1].splitlines():
+        if line.startswith("  ") and ": " in line:
+            key, value = line.strip().split(": ", 1)
+            stats[key] = float(value.replace(",", ""))
+    assert stats["train_examples"] > 0 and stats["eval_examples"] > 0
+    assert all(math.isfinite(v) for v in stats.values())
+    if family != "gpt":  # masked LM: the realised 15% and its 80/10/10 split
+        assert stats["mask_rate"] == pytest.approx(0.15, abs=0.01)
+        assert stats["mask_split_mask"] == pytest.approx(0.8, abs=0.03)
+        assert stats["mask_split_random"] == pytest.approx(0.1, abs=0.03)
+    for task in ("nsp", "sop"):
+        if f"{task}_label_1" in stats:
+            assert stats[f"{task}_label_1"] == pytest.approx(0.5, abs=0.03)
+    if family == "gpt":
+        assert 0 <= stats["dropped_fraction"] < 0.1
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
