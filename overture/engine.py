@@ -162,6 +162,10 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
         eval_loader = _eval_loader(data.eval, objective.collator(phase), phase, recipe,
                                    accelerator)
         micro_batches = _micro_batches(train_loader, sampler, collator, state, accelerator)
+        if state.step == 0 and cfg.eval_every:  # the untrained baseline (no RNG drawn)
+            _log({"split": "eval", "step": 0,
+                  **evaluate(trainer, eval_loader, accelerator, cfg.eval_batches)},
+                 metrics_log, accelerator, 0)
         interval = Interval(objective, accelerator)
         while state.step < phase_end:
             step_stats = train_step(trainer, micro_batches, accelerator, cfg, state.step)

@@ -52,3 +52,17 @@ def test_yaml_errors_name_the_file(tmp_path):
 def test_unknown_recipe_name_suggests_a_bundled_one():
     with pytest.raises(ConfigError, match="did you mean 'bert-tiny'"):
         load_recipe("bert-tiy")
+
+
+def test_an_unknown_family_suggests_the_nearest_registered_one():
+    with pytest.raises(ConfigError, match=r"objective.name='robert'.*did you mean 'roberta'"):
+        load_recipe("bert-tiny", ["objective.name=robert"])
+
+
+def test_the_family_types_the_model_and_objective_sections():
+    with pytest.raises(ConfigError, match="model.hidden_size"):  # GPT sizes are n_embd...
+        load_recipe("gpt-tiny", ["model.hidden_size=64"])
+    with pytest.raises(ConfigError, match="objective.packing"):  # RoBERTa's, not BERT's
+        load_recipe("bert-tiny", ["objective.packing=doc_sentences"])
+    assert load_recipe("roberta-tiny", ["objective.packing=doc_sentences"]).objective.packing \
+        == "doc_sentences"

@@ -4,9 +4,13 @@ counting, phases, several updates and frozen models."""
 from __future__ import annotations
 
 import json
+from collections import Counter
+
+import torch
 
 from helpers import records
 from overture.engine import train
+from overture.objective import Update
 
 
 def test_units_are_counted_every_step_not_only_when_logged(make_recipe, tmp_path):
@@ -37,3 +41,101 @@ def test_phases_switch_sequence_length_and_continue_the_schedule(make_recipe, tm
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == 0.0  # one linear decay over both
 
 
+
+
+class TwoPlayers:
+    """A toy objective with two updates (the second every other step) and a frozen
+    encoder, in the shape of a GAN: what the contract promises beyond one optimizer."""
+
+    unit = "images"
+    heads = ("d", "g")
+
+    def __init__(self, recipe, folder):
+        self.recipe, self.folder = recipe, folder
+        torch.manual_seed(0)
+        self.encoder = torch.nn.Linear(4, 4)
+        self.calls: Counter = Counter()
+
+    def prepare(self, phase, progress=True):
+        import datasets
+
+        from overture.data.prepare import PreparedData
+
+        rows = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)).tolist()
+        data = datasets.Dataset.from_dict({"x": rows})
+        return PreparedData(self.folder, data, data.select(range(16)), {})
+
+    def build_models(self, vocab_size=None):
+        torch.manual_seed(1)
+        return {"generator": torch.nn.Linear(4, 4), "discriminator": torch.nn.Linear(4, 1)}
+
+    def frozen_models(self):
+        return {"encoder": self.encoder}
+
+    def updates(self):
+        return [Update("disc", ("discriminator",), ("d",)),
+                Update("gen", ("generator",), ("g",), every=2)]
+
+    def collator(self, phase):
+        class Stack:
+            def set_epoch(self, epoch):
+                pass
+
+            def __call__(self, rows):
+                return {"x": torch.tensor(rows["columns"]["x"])}
+
+        return Stack()
+
+    def forward(self, models, batch, update):
+        self.calls[update.name if update else "eval"] += 1
+        real = self.encoder(batch["x"])
+        fake = models["generator"](real)
+        disc = models["discriminator"]
+        out = {}
+        if update is None or update.name == "disc":
+            out["d_loss_sum"] = ((disc(real) - 1) ** 2).sum() + (disc(fake.detach()) ** 2).sum()
+        if update is None or update.name == "gen":
+            out["g_loss_sum"] = ((disc(fake) - 1) ** 2).sum()
+        return out
+
+    def target_counts(self, batch):
+        n = torch.tensor(batch["x"].shape[0])
+        return {"d": n, "g": n}
+
+    def count_units(self, batch):
+        return batch["x"].shape[0]
+
+    def summarize(self, sums, counts):
+        out = {f"{h}_loss": sums.get(f"{h}_loss_sum", 0.0) / max(counts[h], 1)
+               for h in self.heads}
+        return {**out, "loss": sum(out.values())}
+
+    def flops_per_unit(self, phase):
+        return 1.0
+
+    def data_report(self, data, phase):
+        return {}
+
+    def export(self, models, state_dicts, folder):
+        torch.save(state_dicts, folder / "models.pt")
+
+
+def test_several_updates_run_on_their_schedule_and_frozen_models_stay_frozen(
+        make_recipe, tmp_path, monkeypatch):
+    import overture.engine as engine
+
+    recipe = make_recipe(tmp_path / "gan", "train.max_steps=4", "train.log_every=1",
+                         "train.save_every=0", "train.eval_every=0", "train.batch_size=8")
+    objective = TwoPlayers(recipe, tmp_path)
+    before = {k: v.clone() for k, v in objective.encoder.state_dict().items()}
+    monkeypatch.setattr(engine, "build_objective", lambda r: objective)
+    final = train(recipe, progress=False)
+    assert objective.calls["disc"] == 4 and objective.calls["gen"] == 2  # steps 0 and 2
+    for key, value in objective.encoder.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert all(not p.requires_grad for p in objective.encoder.parameters())
+    saved = torch.load(final / "models.pt")
+    assert set(saved) == {"generator", "discriminator"}  # the frozen encoder is not trained
+    logged = records(tmp_path / "gan")
+    assert [logged[s]["images_seen"] for s in (1, 2, 3, 4)] == [8, 16, 24, 32]
+    assert all(logged[s]["images_per_s"] > 0 for s in logged)

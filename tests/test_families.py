@@ -125,6 +125,15 @@ def test_sop_pairs_are_consecutive_spans_swapped_half_the_time():
             assert p.label == SWAPPED and min(p.tokens_a) > max(p.tokens_b)
 
 
+def test_a_one_segment_document_still_gives_an_ordered_pair():
+    docs = [[list(range(d * 100, d * 100 + 10))] for d in range(200)]  # one segment each
+    pairs = create_sop_pairs(docs, 64, 0.0, random.Random(2))
+    assert len(pairs) == 200  # one pair per document, none dropped, no random partner
+    for p in pairs:
+        a, b = (p.tokens_a, p.tokens_b) if p.label == IN_ORDER else (p.tokens_b, p.tokens_a)
+        assert a + b == list(range(a[0], a[0] + 10))  # the segment, split in two
+
+
 def test_sop_labels_are_balanced_on_real_text(cache_dir, real_text):
     stats = prepare(tiny("albert", "unused", cache_dir, real_text)).stats
     total = stats["train_label_0"] + stats["train_label_1"]
@@ -304,3 +313,38 @@ def test_generate_bad_input_is_one_clear_line(trained, capsys, args, message):
 def test_generate_refuses_a_masked_lm_checkpoint(trained, capsys):
     assert main(["generate", "--checkpoint", str(trained("bert")), "--prompt", "The"]) == 2
     assert "not a causal-LM checkpoint" in capsys.readouterr().err
+
+
+def test_tokenizer_kind_overrides_the_familys_choice(tmp_path, real_text):
+    import json
+
+    corpus = tmp_path / "slice.txt"
+    corpus.write_text(real_text.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    models = {}
+    for kind in (None, "unigram"):
+        extra = [f"tokenizer.kind={kind}"] if kind else []
+        tok = prepare(tiny("gpt", "unused", tmp_path / "cache", corpus, "tokenizer.vocab_size=300",
+                           *extra)).tokenizer
+        models[kind] = json.loads(tok.backend_tokenizer.to_str())["model"]["type"]
+    assert models == {None: "BPE", "unigram": "Unigram"}
+
+
+def test_albert_base_is_a_tenth_of_bert_base_at_the_same_vocabulary():
+    from overture.cli import count_parameters
+    from overture.config import load_recipe
+    from overture.registry import build_objective
+
+    albert, bert = (count_parameters(build_objective(load_recipe(name)), 30000)
+                    for name in ("albert-base", "bert-base"))
+    assert albert == pytest.approx(11.8e6, rel=0.01) and bert == pytest.approx(109.7e6, rel=0.01)
+
+
+def test_resuming_a_run_with_another_family_is_refused(trained):
+    from overture.checkpoint import find_resume_point
+    from overture.config import ConfigError, load_recipe
+
+    run = trained("bert")
+    (run / "checkpoints").mkdir(exist_ok=True)
+    recipe = load_recipe("gpt-tiny", [f"output_dir={run}"])
+    with pytest.raises(ConfigError, match="different objective name"):
+        find_resume_point(recipe)

@@ -106,7 +106,10 @@ def _train(cfg: TokenizerConfig, kind: str, lowercase: bool, spec: TokenizerSpec
         ids = [(t, backend.token_to_id(t)) for t in specials]
         backend.post_processor = processors.TemplateProcessing(
             single=spec.single, pair=spec.pair, special_tokens=ids)
-    tok_class = getattr(transformers, spec.transformers_class)
+    # The family's class rebuilds its own pipeline around the vocabulary (GPT2Tokenizer
+    # assumes BPE); another kind is saved as the generic class, which keeps it as trained.
+    tok_class = getattr(transformers, spec.transformers_class if kind == spec.kind
+                        else "PreTrainedTokenizerFast")
     tok = tok_class(tokenizer_object=backend, **spec.special_tokens)
     tmp = fresh_tmp_dir(folder)
     tok.save_pretrained(tmp)
