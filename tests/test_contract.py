@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import prepare, records, tiny
+from helpers import prepare, records, sgd_step, tiny
 from overture.atomic import COMPLETE
 from overture.checkpoint import latest_checkpoint
 from overture.config import bundled_recipes, load_recipe
 from overture.data.prepare import IndexedDataset
-from overture.engine import Trainer, train, train_step
+from overture.engine import train
 from overture.registry import build_objective, list_families
 
 FAMILIES = list_families()
@@ -55,44 +55,57 @@ def test_the_engine_imports_no_family():
     assert done.stdout.strip() == "[]"
 
 
+def _batch_of_8(family, cache_dir, real_text):
+    """The family's recipe, objective and one collated batch of 8 real examples."""
+    recipe = tiny(family, "unused", cache_dir, real_text)
+    data = prepare(recipe)
+    batch = data.objective.collator(recipe.resolved_phases()[0])(
+        IndexedDataset(data.train).__getitems__(list(range(8))))
+    return recipe, data.objective, batch
+
+
+def _halves(batch: dict) -> list[dict]:
+    """The same rows, masks and padding, split in two."""
+    return [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_batch_of_8_equals_two_accumulated_batches_of_4(family, cache_dir, real_text):
     from accelerate import Accelerator
 
-    recipe = tiny(family, "unused", cache_dir, real_text)
-    data = prepare(recipe)
-    objective = data.objective
-    big = objective.collator(recipe.resolved_phases()[0])(
-        IndexedDataset(data.train).__getitems__(list(range(8))))
-    # the same rows, masks and padding, split in two
-    halves = [{k: v[:4] for k, v in big.items()}, {k: v[4:] for k, v in big.items()}]
+    recipe, objective, big = _batch_of_8(family, cache_dir, real_text)
     accelerator = Accelerator(cpu=True)
-
-    def one_step(batches: list[dict]) -> torch.Tensor:
-        torch.manual_seed(0)
-        models = objective.build_models()
-        for module in models.values():
-            module.eval()  # no dropout: both runs see the same function
-        updates = objective.updates()
-        # Plain SGD at lr 1: new parameters = old - gradient, so any error in the loss
-        # normalisation (a factor, a double division) shows in the parameters.
-        optimizers = {u.name: torch.optim.SGD(
-            [p for m in u.models for p in models[m].parameters()], lr=1.0) for u in updates}
-        schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-                      for name, opt in optimizers.items()}
-        cfg = recipe.train
-        cfg.gradient_accumulation_steps, cfg.max_grad_norm = len(batches), None
-        trainer = Trainer(objective, models, updates, optimizers, schedulers)
-        train_step(trainer, iter(batches), accelerator, cfg, step=0)
-        return torch.cat([p.detach().flatten() for m in models.values()
-                          for p in m.parameters()])
-
     torch.manual_seed(0)
     initial = torch.cat([p.detach().flatten() for m in objective.build_models().values()
                          for p in m.parameters()])
-    straight, accumulated = one_step([big]), one_step(halves)
+    straight = sgd_step(recipe, objective, [big], accelerator)
+    accumulated = sgd_step(recipe, objective, _halves(big), accelerator)
     assert (straight - initial).abs().max() > 1e-3  # the step really moved the weights
     assert torch.allclose(straight, accumulated, atol=1e-6, rtol=0)
+
+
+def test_two_processes_of_4_equal_one_batch_of_8(cache_dir, real_text, tmp_path):
+    """Data parallelism: two DDP processes (gloo, CPU), each with half the batch, take
+    the step one process takes with all of it, for every family. The halves hold
+    different numbers of targets, so normalising by a process's own count would fail."""
+    from accelerate import Accelerator
+
+    expected = {}
+    for family in FAMILIES:
+        recipe, objective, big = _batch_of_8(family, cache_dir, real_text)
+        torch.save(big, tmp_path / f"{family}-batch.pt")
+        expected[family] = sgd_step(recipe, objective, [big], Accelerator(cpu=True))
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--standalone", str(tests / "ddp_step.py"), str(cache_dir), str(real_text),
+         str(tmp_path), *FAMILIES], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for family in FAMILIES:
+        parallel = torch.load(tmp_path / f"{family}-ddp.pt")
+        assert torch.allclose(expected[family], parallel, atol=1e-6, rtol=0), family
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,0 +1,26 @@
+"""Launched on two processes by test_contract.py: each rank takes its half of a saved
+batch, runs one DDP training step, and rank 0 saves the resulting parameters.
+
+usage: torchrun --standalone --nproc_per_node 2 ddp_step.py CACHE_DIR CORPUS WORK_DIR FAMILY...
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from helpers import prepare, sgd_step, tiny
+
+cache_dir, corpus, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+accelerator = Accelerator(cpu=True)
+rank, world = accelerator.process_index, accelerator.num_processes
+for family in sys.argv[4:]:
+    recipe = tiny(family, "unused", cache_dir, corpus)
+    big = torch.load(work / f"{family}-batch.pt")
+    share = len(next(iter(big.values()))) // world
+    mine = {k: v[rank * share:(rank + 1) * share] for k, v in big.items()}
+    params = sgd_step(recipe, prepare(recipe).objective, [mine], accelerator)
+    if accelerator.is_main_process:
+        torch.save(params, work / f"{family}-ddp.pt")
+    accelerator.wait_for_everyone()
