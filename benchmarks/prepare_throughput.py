@@ -19,9 +19,7 @@ from pathlib import Path
 import psutil
 
 from overture.config import load_recipe
-from overture.data.corpus import resolve_sources
-from overture.data.prepare import prepare
-from overture.data.tokenizer import load_or_train_tokenizer
+from overture.registry import build_objective
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2"
 
@@ -77,14 +75,15 @@ def main() -> None:
         f"data.corpus=[{corpus}]", f"data.cache_dir={work / 'cache'}", f"data.num_proc={args.num_proc}",
         "data.dupe_factor=1", "tokenizer.train_max_mb=16", "phases=[]", "train.max_steps=1"])
     os.environ.pop("OVERTURE_CACHE", None)
+    objective = build_objective(recipe)  # BERT: NSP pairs, static masks
+    phase = recipe.resolved_phases()[0]
     t = time.perf_counter()
-    load_or_train_tokenizer(recipe.tokenizer, recipe.data,
-                            resolve_sources(recipe.data.corpus, recipe.data.resolved_cache_dir))
+    objective.load_tokenizer()
     print(f"tokenizer (16 MB sample): {time.perf_counter() - t:.1f} s")
     monitor = PeakRSS()
     monitor.start()
     t = time.perf_counter()
-    data = prepare(recipe)
+    data = objective.prepare(phase)
     elapsed = time.perf_counter() - t
     monitor.stop = True
     monitor.join()

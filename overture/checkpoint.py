@@ -55,6 +55,7 @@ def find_resume_point(recipe: Recipe) -> Path | None:
         if not (path / COMPLETE).is_file():
             raise ConfigError(f"train.resume={resume!r}: not a complete checkpoint "
                               f"(no {COMPLETE} marker)")
+        _check_compatible(recipe, path)
         return path
     latest = latest_checkpoint(run_dir)
     if resume == "auto" and latest is not None:
@@ -89,6 +90,9 @@ def save_checkpoint(accelerator, recipe: Recipe, step: int, train_state: dict) -
     tmp = folder.with_name(folder.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        # made before the barrier: every rank writes its RNG state into it, and
+        # Accelerate creates it on the main process only (a race otherwise)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
@@ -109,10 +113,12 @@ def load_checkpoint(accelerator, folder: Path) -> dict:
     return json.loads((Path(folder) / TRAIN_STATE).read_text())
 
 
-def export_final(accelerator, recipe: Recipe, objective, models: dict) -> Path:
-    """Write ``OUTPUT_DIR/final`` in the family's native format (``objective.export``)
-    plus the resolved recipe, replacing an older final/ only once the new one is whole."""
-    final = Path(recipe.output_dir) / "final"
+def export_final(accelerator, recipe: Recipe, objective, models: dict,
+                 name: str = "final") -> Path:
+    """Write ``OUTPUT_DIR/final`` (or ``name``) in the family's native format
+    (``objective.export``) plus the resolved recipe, replacing an older one only once the
+    new one is whole."""
+    final = Path(recipe.output_dir) / name
     # get_state_dict gathers FSDP / DeepSpeed shards: every rank takes part
     state_dicts = {name: accelerator.get_state_dict(m) for name, m in models.items()}
     if accelerator.is_main_process:
@@ -120,6 +126,18 @@ def export_final(accelerator, recipe: Recipe, objective, models: dict) -> Path:
         unwrapped = {name: accelerator.unwrap_model(m) for name, m in models.items()}
         objective.export(unwrapped, state_dicts, tmp)
         (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+        publish_dir(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def publish_best_as_final(accelerator, recipe: Recipe) -> Path:
+    """final/ becomes a copy of best/ (the best evaluation's export), published whole."""
+    run_dir = Path(recipe.output_dir)
+    final = run_dir / "final"
+    if accelerator.is_main_process:
+        tmp = fresh_tmp_dir(final)
+        shutil.copytree(run_dir / "best", tmp, dirs_exist_ok=True)
         publish_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final

@@ -1,4 +1,5 @@
-"""`overture <command>`: pretrain, prepare, recipes, generate, report.
+"""`overture <command>`: pretrain, prepare, recipes, finetune, glue, generate, features,
+report.
 
 RECIPE is a YAML path or a bundled recipe name; KEY=VALUE overrides use dotted paths
 (``train.max_steps=50 output_dir=runs/x``). Exit codes: 0 success, 2 bad input (the
@@ -67,6 +68,47 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_generate)
 
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on a GLUE or custom task")
+    p.add_argument("--checkpoint", required=True,
+                   help="a final/ folder (or a run folder holding one), a transformers "
+                        "folder or a Hub model name")
+    p.add_argument("--task", required=True, help="a GLUE task (sst2, ...) or a task YAML")
+    p.add_argument("--data-dir", help="the official GLUE distribution (SST-2/train.tsv, "
+                                      "...); default: the Hub glue dataset")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--random-init", action="store_true",
+                   help="the checkpoint's architecture with fresh weights (a baseline)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("glue", help="fine-tune on several GLUE tasks and seeds; a table")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--tasks", default="all", help="all, or a comma-separated list")
+    p.add_argument("--seeds", type=int, default=3, help="runs per task (seeds 42, 43, ...)")
+    p.add_argument("--data-dir", help="the official GLUE distribution; default: the Hub")
+    p.add_argument("--output-dir", default="runs/glue")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_glue)
+
+    p = sub.add_parser("features", help="embed texts with any encoder checkpoint")
+    p.add_argument("--checkpoint", required=True,
+                   help="a final/ folder (or a run folder holding one), a transformers "
+                        "folder or a Hub model name")
+    p.add_argument("--input", required=True,
+                   help=".txt (one text per line) or .csv / .tsv / .jsonl / .parquet")
+    p.add_argument("--output", required=True, help=".npy, .safetensors or .parquet")
+    p.add_argument("--column", help="text column of a table input (default: text)")
+    p.add_argument("--id-column", help="id column kept with the embeddings")
+    p.add_argument("--layer", default="-1",
+                   help="hidden state index (0 embeddings, -1 last) or several, "
+                        "comma-separated, averaged")
+    p.add_argument("--pooling", default="mean", help="cls, mean, max or pooler")
+    p.add_argument("--normalize", action="store_true", help="unit-length embeddings")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, help="default: the tokenizer's limit")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.set_defaults(func=_features)
+
     p = sub.add_parser("report", help="draw loss, learning rate and throughput to PNG")
     p.add_argument("run_dir")
     p.add_argument("--output", help="PNG path (default RUN_DIR/report.png)")
@@ -92,14 +134,21 @@ def _dry_run(recipe) -> int:
     print("# resolved recipe")
     print(recipe.to_yaml())
     objective = build_objective(recipe)
-    for index, phase in enumerate(recipe.resolved_phases()):
-        data = objective.prepare(phase)
+    phases = recipe.resolved_phases()
+    for index in range(len(phases)):
+        data = objective.prepare(phases[index])
         if index == 0:
+            # epochs become steps once the examples are counted
+            phases = recipe.for_dataset(len(data.train), 1).resolved_phases()
             vocab = len(objective.tokenizer)
-            print(f"parameters: {count_parameters(objective):,} (vocabulary {vocab:,}; "
-                  f"{count_parameters(objective, recipe.tokenizer.vocab_size):,} at "
-                  f"tokenizer.vocab_size={recipe.tokenizer.vocab_size:,})")
-            print("corpus: " + json.dumps(data.stats["corpus"]))
+            params = count_parameters(objective)
+            at_recipe = count_parameters(objective, recipe.tokenizer.vocab_size)
+            print(f"parameters: {params:,} (vocabulary {vocab:,}" + (
+                f"; {at_recipe:,} at tokenizer.vocab_size={recipe.tokenizer.vocab_size:,})"
+                if at_recipe != params else ")"))
+            if "corpus" in data.stats:
+                print("corpus: " + json.dumps(data.stats["corpus"]))
+        phase = phases[index]
         print(f"# data statistics, phase {index} (max_seq_len {phase.max_seq_len}, "
               f"{phase.steps} steps)")
         for key, value in objective.data_report(data, phase).items():
@@ -137,9 +186,12 @@ def _recipes(args) -> int:
     print(f"{'recipe':<14} {'family':<8} {'params':>8}  description")
     for name, path in bundled_recipes().items():
         recipe = load_recipe(path)
-        params = count_parameters(build_objective(recipe), recipe.tokenizer.vocab_size)
-        print(f"{name:<14} {recipe.objective.name:<8} {params / 1e6:>7.1f}M  "
-              f"{recipe.description}")
+        if getattr(recipe.objective, "checkpoint", None) is not None:
+            size = "ckpt"  # fine-tuning: the size of whatever checkpoint is given
+        else:
+            params = count_parameters(build_objective(recipe), recipe.tokenizer.vocab_size)
+            size = f"{params / 1e6:.1f}M"
+        print(f"{name:<14} {recipe.objective.name:<8} {size:>8}  {recipe.description}")
     return 0
 
 
@@ -149,6 +201,50 @@ def _generate(args) -> int:
     print(generate(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed))
+    return 0
+
+
+def _finetune(args) -> int:
+    from .finetune.run import finetune, finetune_recipe
+
+    overrides = [*(["objective.init=random"] if args.random_init else []), *args.overrides]
+    recipe = finetune_recipe(args.checkpoint, args.task, args.data_dir, args.seed, overrides)
+    metrics = finetune(recipe, progress=_is_main_process())
+    if _is_main_process():
+        print(json.dumps(metrics["dev"], indent=2))
+    return 0
+
+
+def _glue(args) -> int:
+    from .finetune.run import parse_tasks, run_glue
+
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds={args.seeds} must be at least 1")
+    run_glue(args.checkpoint, parse_tasks(args.tasks), args.seeds, args.data_dir,
+             args.output_dir, args.overrides, progress=_is_main_process())
+    return 0
+
+
+def _features(args) -> int:
+    from pathlib import Path
+
+    from .features import OUTPUT_FORMATS, load, read_texts, write_features
+
+    try:
+        layers = [int(x) for x in str(args.layer).split(",")]
+    except ValueError:
+        raise ConfigError(f"--layer={args.layer!r}: give integers, e.g. -1 or -4,-3,-2,-1")
+    output = Path(args.output)
+    if output.suffix.lower() not in OUTPUT_FORMATS:  # before the work, not after
+        raise ConfigError(f"--output {output}: use one of {', '.join(OUTPUT_FORMATS)}")
+    if output.exists() and not args.overwrite:
+        raise ConfigError(f"--output {output} exists; remove it or pass --overwrite")
+    ids, texts = read_texts(Path(args.input), args.column, args.id_column)
+    encoder = load(args.checkpoint, max_length=args.max_length)
+    embeddings = encoder.encode(texts, pooling=args.pooling, layer=layers,
+                                normalize=args.normalize, batch_size=args.batch_size,
+                                progress=True)
+    write_features(output, ids, embeddings, overwrite=args.overwrite)
     return 0
 
 

@@ -123,6 +123,9 @@ class TrainConfig:
     """Seed for initialisation, shuffling and dynamic masking."""
     max_steps: int = 1000
     """Optimizer steps (ignored when phases are given: their steps add up instead)."""
+    epochs: float | None = None
+    """Passes over the training examples; when set, max_steps is derived from the number
+    of examples, the batch size, the processes and the accumulation (fine-tuning)."""
     max_time: float | None = None
     """Wall-clock budget in minutes; the run checkpoints and exports when it runs out."""
     batch_size: int = 32
@@ -145,6 +148,8 @@ class TrainConfig:
     """Decay after warmup: linear, cosine or constant."""
     warmup_steps: int = 0
     """Linear warmup steps."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of all steps (used when warmup_steps is 0)."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this (null: no clipping)."""
     mixed_precision: str = "no"
@@ -157,6 +162,18 @@ class TrainConfig:
     """Write a metrics record every N steps."""
     save_every: int = 0
     """Save a full checkpoint every N steps (0: only at the end)."""
+    interval_unit: str = "steps"
+    """Unit of eval_every and save_every: steps, or epochs (of the training examples)."""
+    group_by_length: bool = False
+    """Batch examples of similar length (less padding): each epoch's shuffled order is
+    cut into groups of 50 batches, each sorted by length. Needs a length column."""
+    best_metric: str | None = None
+    """An evaluation metric (e.g. accuracy); final/ is exported from the evaluation where
+    it was best, and best/ holds that model meanwhile."""
+    best_mode: str = "max"
+    """max or min: which direction of best_metric is better."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a better best_metric (0: never)."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted."""
     resume: str = "auto"
@@ -175,6 +192,17 @@ class TrainConfig:
         choice(self, "train", "optimizer", ("adamw", "lamb"))
         choice(self, "train", "lr_schedule", ("linear", "cosine", "constant"))
         choice(self, "train", "mixed_precision", ("no", "fp16", "bf16"))
+        choice(self, "train", "interval_unit", ("steps", "epochs"))
+        choice(self, "train", "best_mode", ("max", "min"))
+        fraction(self, "train", "warmup_ratio")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError(f"train.epochs={self.epochs} must be positive")
+        if self.early_stopping_patience < 0:
+            raise ConfigError(f"train.early_stopping_patience={self.early_stopping_patience} "
+                              "must be >= 0")
+        if self.early_stopping_patience and not (self.best_metric and self.eval_every):
+            raise ConfigError("train.early_stopping_patience needs train.best_metric and "
+                              "train.eval_every > 0")
         for name in ("warmup_steps", "eval_every", "save_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
@@ -212,6 +240,8 @@ class Recipe:
     def validate(self) -> None:
         for section in (self.model, self.tokenizer, self.data, self.objective, self.train):
             section.validate()
+        if self.phases and self.train.epochs is not None:
+            raise ConfigError("train.epochs and phases exclude each other: phases count steps")
         for i, phase in enumerate(self.phases):
             if phase.steps <= 0:
                 raise ConfigError(f"phases[{i}].steps={phase.steps} must be a positive integer")
@@ -239,6 +269,26 @@ class Recipe:
     @property
     def total_steps(self) -> int:
         return sum(p.steps for p in self.resolved_phases())
+
+    def for_dataset(self, examples: int, processes: int) -> "Recipe":
+        """A copy with ``train.epochs``, epoch intervals and ``warmup_ratio`` turned into
+        optimizer steps, for ``examples`` training examples on ``processes`` processes
+        (each epoch drops the last incomplete batch)."""
+        import copy
+        import math
+
+        recipe = copy.deepcopy(self)
+        cfg = recipe.train
+        batches = examples // (cfg.batch_size * processes)
+        per_epoch = max(1, batches // cfg.gradient_accumulation_steps)
+        if cfg.epochs is not None:
+            cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch))
+        if cfg.interval_unit == "epochs":
+            cfg.eval_every, cfg.save_every = cfg.eval_every * per_epoch, cfg.save_every * per_epoch
+            cfg.interval_unit = "steps"
+        if cfg.warmup_steps == 0 and cfg.warmup_ratio:
+            cfg.warmup_steps = math.ceil(cfg.warmup_ratio * recipe.total_steps)
+        return recipe
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -282,7 +332,10 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
                               "objective": family.objective_config})
     recipe.model = recipe.model or family.model_config()
     recipe.objective = recipe.objective or family.objective_config()
-    recipe.validate()
+    try:
+        recipe.validate()
+    except ConfigError as err:  # validate() knows the key; say which file it is in
+        raise ConfigError(f"{where}: {err}") from None
     return recipe
 
 

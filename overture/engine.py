@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import export_final, find_resume_point, load_checkpoint, save_checkpoint
+from .checkpoint import (export_final, find_resume_point, load_checkpoint,
+                         publish_best_as_final, save_checkpoint)
 from .config import ConfigError, Phase, Recipe
 from .data.prepare import IndexedDataset
 from .objective import Objective, Update
@@ -45,21 +47,38 @@ class TrainState:
     """Micro-batches of this epoch already consumed (per process)."""
     units_seen: int = 0
     """Units (tokens, images) trained on so far, all processes, counted every step."""
+    best_value: float | None = None
+    """Best ``train.best_metric`` so far, and the step of that evaluation."""
+    best_step: int = -1
+    evals_since_best: int = 0
+    """Evaluations since the best one (early stopping)."""
 
 
 class EpochSampler(torch.utils.data.Sampler):
     """A fresh permutation per epoch, a pure function of (seed, epoch): every process
-    agrees on it and a resumed run sees the same order."""
+    agrees on it and a resumed run sees the same order.
 
-    def __init__(self, size: int, seed: int):
+    With ``lengths`` (group by length), the permutation is cut into groups of
+    ``group`` examples and each group is sorted by length, longest first: batches hold
+    similar lengths (less padding) and their order stays random.
+    """
+
+    def __init__(self, size: int, seed: int, lengths: list[int] | None = None,
+                 group: int = 0):
         self.size, self.seed, self.epoch = size, seed, 0
+        self.lengths, self.group = lengths, group
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.lengths is not None:
+            order = [i for start in range(0, self.size, self.group)
+                     for i in sorted(order[start:start + self.group],
+                                     key=lambda i: -self.lengths[i])]
+        return iter(order)
 
     def __len__(self) -> int:
         return self.size
@@ -113,23 +132,28 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
     from accelerate.utils import set_seed
 
     # ------------------------------------------------------------------ setup
-    cfg = recipe.train
     run_dir = Path(recipe.output_dir)
     # step_scheduler_with_optimizer=False: Accelerate would otherwise step the schedule
     # once per process at every optimizer step; ours counts optimizer steps.
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
-                              log_with=cfg.report_to or None, project_dir=str(run_dir),
-                              step_scheduler_with_optimizer=False)
+    # Several processes and no GPU (torchrun on CPUs): Accelerate forms the gloo process
+    # group only when told the run is on the CPU, as `accelerate launch --cpu` does.
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision,
+                              log_with=recipe.train.report_to or None,
+                              project_dir=str(run_dir), step_scheduler_with_optimizer=False)
     is_main = accelerator.is_main_process
     resume_from = find_resume_point(recipe)
+    objective = build_objective(recipe)  # bad inputs fail here, before any folder is made
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.seed)
-    objective = build_objective(recipe)
+    set_seed(recipe.train.seed)
+    with accelerator.main_process_first():  # rank 0 builds the cache, the others reuse it
+        first = objective.prepare(recipe.resolved_phases()[0], progress=progress and is_main)
+    # epochs and epoch intervals become steps, now that the examples are counted
+    recipe = recipe.for_dataset(len(first.train), accelerator.num_processes)
+    cfg = recipe.train
     phases = recipe.resolved_phases()
     total_steps = recipe.total_steps
-    with accelerator.main_process_first():  # rank 0 builds the cache, the others reuse it
-        objective.prepare(phases[0], progress=progress and is_main)
     trainer = setup_trainer(recipe, objective, accelerator)
 
     state = TrainState()
@@ -166,6 +190,7 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
             _log({"split": "eval", "step": 0,
                   **evaluate(trainer, eval_loader, accelerator, cfg.eval_batches)},
                  metrics_log, accelerator, 0)
+        stop_early = False
         interval = Interval(objective, accelerator)
         while state.step < phase_end:
             step_stats = train_step(trainer, micro_batches, accelerator, cfg, state.step)
@@ -182,15 +207,18 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
                                  f"{unit}/s": f"{record[f'{unit}_per_s']:,.0f}"})
                 _log(record, metrics_log, accelerator, state.step)
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-                _log({"split": "eval", "step": state.step,
-                      **evaluate(trainer, eval_loader, accelerator, cfg.eval_batches)},
+                metrics = evaluate(trainer, eval_loader, accelerator, cfg.eval_batches)
+                _log({"split": "eval", "step": state.step, **metrics},
                      metrics_log, accelerator, state.step)
+                stop_early = _track_best(metrics, state, cfg, accelerator, recipe, trainer)
+            out_of_time = out_of_time or stop_early
             if (cfg.save_every and state.step % cfg.save_every == 0) or out_of_time:
                 units.settle()
                 save_checkpoint(accelerator, recipe, state.step, asdict(state))
                 saved_step = state.step
             if out_of_time:
-                log.info("train.max_time reached at step %d", state.step)
+                log.info("%s at step %d", "early stopping" if stop_early else
+                         "train.max_time reached", state.step)
                 break
         if out_of_time:
             break
@@ -198,15 +226,42 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
 
     # ------------------------------------------------------------------ finish
     units.settle()
-    if saved_step != state.step:
+    if eval_loader is not None:  # draws no RNG: the checkpoint below is unaffected
+        metrics = evaluate(trainer, eval_loader, accelerator, cfg.eval_batches)
+        _log({"split": "eval", "step": state.step, **metrics}, metrics_log, accelerator,
+             state.step)
+        _track_best(metrics, state, cfg, accelerator, recipe, trainer)
+    # saved again when the last evaluation changed the best-model record
+    if saved_step != state.step or (cfg.best_metric and eval_loader is not None):
         save_checkpoint(accelerator, recipe, state.step, asdict(state))
-    if eval_loader is not None:
-        _log({"split": "eval", "step": state.step,
-              **evaluate(trainer, eval_loader, accelerator, cfg.eval_batches)},
-             metrics_log, accelerator, state.step)
-    final = export_final(accelerator, recipe, objective, trainer.models)
+    if cfg.best_metric and state.best_step >= 0:
+        final = publish_best_as_final(accelerator, recipe)
+        log.info("final/ is the model of step %d (%s %.4f)", state.best_step,
+                 cfg.best_metric, state.best_value)
+    else:
+        final = export_final(accelerator, recipe, objective, trainer.models)
     accelerator.end_training()
     return final
+
+
+def _track_best(metrics: dict, state: TrainState, cfg, accelerator, recipe,
+                trainer: Trainer) -> bool:
+    """Keep best/ at the best evaluation so far; True when early stopping is due."""
+    if not cfg.best_metric or not metrics:
+        return False
+    if cfg.best_metric not in metrics:
+        raise ConfigError(f"train.best_metric={cfg.best_metric!r} is not an evaluation "
+                          f"metric; this objective reports {', '.join(sorted(metrics))}")
+    value = metrics[cfg.best_metric]
+    better = (state.best_value is None or
+              (value > state.best_value if cfg.best_mode == "max" else value < state.best_value))
+    if better:
+        state.best_value, state.best_step, state.evals_since_best = value, state.step, 0
+        export_final(accelerator, recipe, trainer.objective, trainer.models, name="best")
+    else:
+        state.evals_since_best += 1
+    return bool(cfg.early_stopping_patience
+                and state.evals_since_best >= cfg.early_stopping_patience)
 
 
 def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg,
@@ -258,13 +313,17 @@ def evaluate(trainer: Trainer, loader, accelerator, max_batches: int) -> dict[st
     """Held-out metrics of every head (and the objective's summary) over
     ``max_batches`` batches."""
     objective, models = trainer.objective, trainer.models
+    per_example = getattr(objective, "example_outputs", ())
     for module in models.values():
         module.eval()
     totals: dict[str, torch.Tensor] = {}
+    examples: dict[str, list[torch.Tensor]] = {k: [] for k in per_example}
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
         out = objective.forward(models, batch, None)
+        for key in per_example:  # gathered in order; the shards' padding dropped
+            examples[key].append(accelerator.gather_for_metrics(out.pop(key)).cpu())
         counts = {f"{h}_count": c for h, c in objective.target_counts(batch).items()}
         for key, value in {**out, **counts}.items():
             totals[key] = totals.get(key, 0) + value.detach().float().to(accelerator.device)
@@ -278,7 +337,10 @@ def evaluate(trainer: Trainer, loader, accelerator, max_batches: int) -> dict[st
     heads = objective.heads
     if not values.get(f"{heads[0]}_count"):
         return {}
-    return objective.summarize(values, {h: values[f"{h}_count"] for h in heads})
+    metrics = objective.summarize(values, {h: values[f"{h}_count"] for h in heads})
+    if per_example:
+        metrics.update(objective.score({k: torch.cat(v).numpy() for k, v in examples.items()}))
+    return metrics
 
 
 class UnitCounter:
@@ -355,7 +417,14 @@ def _train_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
         raise ConfigError(f"only {len(dataset)} training examples, fewer than one batch "
                           f"(train.batch_size={phase.batch_size} x {accelerator.num_processes} "
                           "processes): use a larger corpus or a smaller batch")
-    sampler = EpochSampler(len(dataset), recipe.train.seed)
+    lengths = None
+    if recipe.train.group_by_length:
+        if "length" not in dataset.column_names:
+            raise ConfigError(f"train.group_by_length: objective {recipe.objective.name!r} "
+                              "gives its examples no length column; set it to false")
+        lengths = dataset["length"]
+    sampler = EpochSampler(len(dataset), recipe.train.seed, lengths,
+                           group=50 * phase.batch_size * accelerator.num_processes)
     loader = torch.utils.data.DataLoader(
         IndexedDataset(dataset), batch_size=phase.batch_size,
         sampler=sampler, collate_fn=collator,

@@ -58,6 +58,8 @@ class Objective(Protocol):
     """What throughput counts: "tokens", "images"."""
     heads: tuple[str, ...]
     """Every loss head ``forward`` reports, e.g. ("mlm", "nsp")."""
+    auto_class: ClassVar[str]
+    """The transformers Auto class that loads ``final/`` (AutoModelForPreTraining)."""
 
     def prepare(self, phase, progress: bool = True) -> Any:
         """Cached examples for a phase (``overture.data.prepare.PreparedData``);
@@ -91,6 +93,15 @@ class Objective(Protocol):
 
     def summarize(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
         """Metrics from summed statistics and target counts; includes "loss"."""
+
+    # Optional: metrics that are not sums (F1, correlations) need every prediction.
+    # ``example_outputs`` names per-example tensors ``forward`` returns at evaluation
+    # (update None); the engine gathers them from every process, in order, and
+    # ``score(arrays)`` turns them into metrics.
+    example_outputs: tuple[str, ...] = ()
+
+    def score(self, examples: dict[str, Any]) -> dict[str, float]:
+        """Metrics from the gathered per-example outputs (numpy arrays)."""
 
     def flops_per_unit(self, phase) -> float:
         """Training FLOPs per unit, for achieved TFLOP/s and MFU."""

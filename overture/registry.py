@@ -16,6 +16,7 @@ FAMILIES = {
     "roberta": "overture.pretrain.text.roberta:Roberta",
     "albert": "overture.pretrain.text.albert:Albert",
     "gpt": "overture.pretrain.text.gpt:Gpt",
+    "classify": "overture.finetune.classify:Classify",
 }
 
 

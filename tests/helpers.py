@@ -27,14 +27,57 @@ def records(run_dir: Path, split: str = "train") -> dict[int, dict]:
 
 
 def tiny(family: str, run_dir, cache_dir, corpus, *overrides: str):
-    """The family's tiny recipe on ``corpus``, with a shared cache and a small vocabulary."""
+    """The family's tiny recipe on ``corpus``, with a shared cache and a small vocabulary.
+    Fine-tuning ("classify") gets a tiny BERT checkpoint and an SST-2-style task, both
+    made from ``corpus`` (see ``classify_inputs``)."""
+    extra = []
+    if family == "classify":
+        checkpoint, glue = classify_inputs(cache_dir, corpus)
+        # steps, not epochs, so that tests choose max_steps / save_every as for the others
+        extra = [f"objective.checkpoint={checkpoint}", f"objective.data_dir={glue}",
+                 "train.epochs=null", "train.interval_unit=steps", "train.eval_every=0",
+                 "train.batch_size=8"]
     return load_recipe(f"{family}-tiny", [
         f"data.corpus=[{corpus}]", f"data.cache_dir={cache_dir}", f"output_dir={run_dir}",
         "data.num_proc=1", "tokenizer.vocab_size=1024", "tokenizer.min_frequency=1",
-        *overrides])
+        *extra, *overrides])
 
 
-def sgd_step(recipe, objective, batches: list[dict], accelerator):
+def classify_inputs(cache_dir, corpus) -> tuple[Path, Path]:
+    """(checkpoint, GLUE folder) for fine-tuning tests, made once per cache: a tiny BERT
+    (seed-0 weights, tokenizer trained on ``corpus``) exported as a transformers folder,
+    and SST-2/train.tsv + dev.tsv in the official layout whose label says whether the
+    sentence contains "the" (learnable, unbalanced)."""
+    import random
+
+    import torch
+
+    cache_dir = Path(cache_dir)
+    tag = Path(corpus).stem
+    checkpoint, glue = cache_dir / f"tiny-bert-{tag}", cache_dir / f"glue-{tag}"
+    if not (checkpoint / "config.json").is_file():
+        objective = build_objective(tiny("bert", "unused", cache_dir, corpus))
+        objective.load_tokenizer()
+        torch.manual_seed(0)
+        models = objective.build_models()
+        objective.export(models, {"model": models["model"].state_dict()}, checkpoint)
+    if not (glue / "SST-2" / "dev.tsv").is_file():
+        text = Path(corpus).read_text(encoding="utf-8")
+        sentences = [s.replace("\t", " ").strip() for s in text.replace("\n", " . ").split(" . ")]
+        sentences = [s for s in sentences if 4 <= len(s.split()) <= 40]
+        random.Random(0).shuffle(sentences)
+        rows = [f"{s}\t{int('the' in s.lower().split())}" for s in sentences]
+        cut = max(16, len(rows) // 10)
+        (glue / "SST-2").mkdir(parents=True, exist_ok=True)
+        for name, part in (("dev", rows[:cut]), ("train", rows[cut:])):
+            (glue / "SST-2" / f"{name}.tsv").write_text("sentence\tlabel\n" + "\n".join(part) + "\n")
+        test = [f"{i}\t{s}" for i, s in enumerate(sentences[:10])]
+        (glue / "SST-2" / "test.tsv").write_text("index\tsentence\n" + "\n".join(test) + "\n")
+    return checkpoint, glue
+
+
+def sgd_step(recipe, objective, batches: list[dict], accelerator,
+             max_grad_norm: float | None = None):
     """Parameters after one ``train_step`` over ``batches`` (accumulated), from the
     seed-0 initial models, flattened into one vector.
 
@@ -58,7 +101,7 @@ def sgd_step(recipe, objective, batches: list[dict], accelerator):
                   for name, opt in optimizers.items()}
     models = {name: accelerator.prepare_model(m) for name, m in models.items()}
     cfg = recipe.train
-    cfg.gradient_accumulation_steps, cfg.max_grad_norm = len(batches), None
+    cfg.gradient_accumulation_steps, cfg.max_grad_norm = len(batches), max_grad_norm
     train_step(Trainer(objective, models, updates, optimizers, schedulers), iter(batches),
                accelerator, cfg, step=0)
     return torch.cat([p.detach().flatten() for m in models.values()

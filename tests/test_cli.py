@@ -90,7 +90,58 @@ def test_recipes_lists_the_bundled_recipes(tmp_path):
 
     for family in list_families():  # every family, with its size, e.g. "110.1M"
         mine = [r for r in rows.values() if r[1] == family]
+        if family == "classify":  # fine-tuning: the checkpoint's size
+            assert mine and all(r[2] == "ckpt" for r in mine)
+            continue
         assert mine and all(r[2].endswith("M") and float(r[2][:-1]) > 0 for r in mine)
     assert float(rows["bert-base"][2][:-1]) == pytest.approx(110, abs=1)
     assert float(rows["gpt2-small"][2][:-1]) == pytest.approx(124, abs=1)
     assert float(rows["albert-base"][2][:-1]) == pytest.approx(12, abs=0.5)
+
+
+def test_prepare_builds_the_examples_and_trains_nothing(tmp_path, cache_dir, capsys):
+    from overture.atomic import COMPLETE
+    from overture.cli import main
+
+    assert main(["prepare", "bert-tiny", f"data.cache_dir={cache_dir}",
+                 f"output_dir={tmp_path / 'run'}"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]  # "FOLDER: N train / M eval examples"
+    folder = Path(line.rsplit(": ", 1)[0])
+    assert int(line.rsplit(": ", 1)[1].split()[0].replace(",", "")) > 0
+    assert (folder / COMPLETE).is_file() and (folder / "train.arrow").is_file()
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_processes_train_one_run_written_once(tmp_path, cache_dir):
+    """`accelerate launch`-style data parallelism on CPU (gloo): both ranks train, rank
+    0 alone writes metrics, checkpoints and final/."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
+    env.pop("OVERTURE_CACHE", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "overture", "pretrain", "bert-tiny", "train.max_steps=4", "train.log_every=1",
+         "train.save_every=2", "train.eval_every=0", f"data.cache_dir={cache_dir}",
+         "output_dir=run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert steps == [1, 2, 3, 4]  # one record per step: only rank 0 writes
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert (run / "final" / "model.safetensors").is_file()
+    assert not list(run.rglob("*.tmp*"))
+
+
+def test_bf16_tensorboard_and_mfu_with_a_given_peak(tmp_path, cache_dir):
+    # a process of its own: Accelerate fixes the precision once per process
+    done = run_cli("pretrain", "bert-tiny", "train.max_steps=2", "train.log_every=1",
+                   "train.eval_every=0", "train.mixed_precision=bf16",
+                   "train.report_to=[tensorboard]", "train.peak_tflops=1.0",
+                   f"data.cache_dir={cache_dir}", "output_dir=run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+              .splitlines() if json.loads(line)["split"] == "train"]
+    assert [r["step"] for r in logged] == [1, 2] and all(r["loss"] < 20 for r in logged)
+    assert logged[-1]["mfu"] == pytest.approx(logged[-1]["tflops"] / 1.0)
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*"))  # the tracker's log

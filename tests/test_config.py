@@ -37,9 +37,11 @@ def test_dotted_overrides_parse_yaml_scalars():
     ("data.max_seq_len=512", "exceeds model.max_position_embeddings"),
     ("nonsense", "not KEY=VALUE"),
 ])
-def test_invalid_values_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+def test_invalid_values_name_the_key_and_the_file(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")) as err:
         load_recipe("bert-tiny", [override])
+    if override != "nonsense":  # out-of-range values too, not only unknown keys and types
+        assert "bert-tiny.yaml: " in str(err.value)
 
 
 def test_yaml_errors_name_the_file(tmp_path):

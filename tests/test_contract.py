@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import prepare, records, sgd_step, tiny
+from helpers import classify_inputs, prepare, records, sgd_step, tiny
 from overture.atomic import COMPLETE
 from overture.checkpoint import latest_checkpoint
 from overture.config import bundled_recipes, load_recipe
@@ -144,8 +144,9 @@ def test_a_resumed_run_reproduces_the_uninterrupted_one(family, tmp_path, small_
     resumed = records(run)
     assert sorted(resumed) == list(range(resume_at + 1, total + 1))  # continued, not restarted
     losses = [k for k in straight[total] if k == "loss" or k.endswith("_loss")]
+    seen = f"{build_objective(recipe()).unit}_seen"
     for step in resumed:
-        for key in [*losses, "tokens_seen"]:
+        for key in [*losses, seen]:
             assert resumed[step][key] == pytest.approx(straight[step][key], abs=1e-5), (step, key)
     assert (run / "final" / "config.json").is_file()
 
@@ -156,20 +157,26 @@ def test_final_reloads_without_overture_and_gives_the_same_logits(family, traine
 
     run = trained(family)
     final = run / "final"
+    recipe = load_recipe(final / "recipe.yaml")
+    objective = build_objective(recipe)
+    auto_class = objective.auto_class  # AutoModelForPreTraining, ...ForSequenceClassification
     text, pair = "The cat sat on the mat. It was warm.", "Then it left."
     # A Python that never imports overture loads final/ with plain Auto classes.
     script = textwrap.dedent(f"""
         import json, sys, torch
-        from transformers import AutoConfig, AutoModelForPreTraining, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer, {auto_class}
         tok = AutoTokenizer.from_pretrained({str(final)!r})
-        model = AutoModelForPreTraining.from_pretrained({str(final)!r}).eval()
+        model = {auto_class}.from_pretrained({str(final)!r}).eval()
         enc = tok({text!r}, return_tensors="pt")
+        # the Hub user's long input: cut at model_max_length, which the model accepts
+        long = tok("word " * 5000, truncation=True, return_tensors="pt")
         with torch.no_grad():
             out = model(**enc)
+            model(**long)
         assert not any(m.startswith("overture") for m in sys.modules)
         json.dump({{"ids": enc["input_ids"].tolist(), "type": type(model).__name__,
                    "architecture": AutoConfig.from_pretrained({str(final)!r}).architectures[0],
-                   "max_length": tok.model_max_length,
+                   "max_length": tok.model_max_length, "long": long["input_ids"].shape[1],
                    "pair": tok({text!r}, {pair!r})["input_ids"],
                    "logits": out[0].tolist()}}, sys.stdout)
     """)
@@ -181,8 +188,6 @@ def test_final_reloads_without_overture_and_gives_the_same_logits(family, traine
 
     # The trained weights as the training state saved them (not through final/), in the
     # family's own training module.
-    recipe = load_recipe(final / "recipe.yaml")
-    objective = build_objective(recipe)
     objective.prepare(recipe.resolved_phases()[0], progress=False)
     model = objective.build_models()["model"]
     state = load_file(str(latest_checkpoint(run) / "model.safetensors"))
@@ -193,8 +198,19 @@ def test_final_reloads_without_overture_and_gives_the_same_logits(family, traine
     tok = objective.tokenizer
     enc = tok(text, return_tensors="pt")
     assert enc["input_ids"].tolist() == loaded["ids"]  # the tokenizer round-trips
-    assert tok(text, pair)["input_ids"] == loaded["pair"]  # with its pair template
-    assert loaded["max_length"] == objective.max_length()  # the Hub user's length limit
+    if hasattr(objective, "tokenizer_spec"):  # a family that trains its vocabulary
+        # the pair layout the family trains on, spelled out from its template
+        a, b = (tok(t, add_special_tokens=False)["input_ids"] for t in (text, pair))
+        template = (objective.tokenizer_spec.pair or "$A $B").split()
+        pieces = {"$A": a, "$B": b}
+        expected = [i for item in template for i in pieces.get(
+            item.split(":")[0], [tok.convert_tokens_to_ids(item.split(":")[0])])]
+        assert loaded["pair"] == expected
+        assert objective.max_length() == recipe.model.position_limit()[1]
+    else:
+        assert loaded["pair"] == tok(text, pair)["input_ids"]
+    # the exported limit is the model's position limit: long inputs are cut to it
+    assert loaded["long"] == loaded["max_length"] == objective.max_length()
     with torch.no_grad():
         out = model.model(**enc)
     assert torch.allclose(out[0], torch.tensor(loaded["logits"]), atol=1e-5)
@@ -204,10 +220,16 @@ def test_final_reloads_without_overture_and_gives_the_same_logits(family, traine
 def test_dry_run_reports_parameters_and_data_statistics(family, cache_dir, real_text,
                                                         tmp_path, capsys):
     from overture.cli import main
+    from overture.pretrain.text.mlm import MaskedLMFamily
+    from overture.registry import get_family
 
+    extra = []
+    if family == "classify":
+        checkpoint, glue = classify_inputs(cache_dir, real_text)
+        extra = [f"objective.checkpoint={checkpoint}", f"objective.data_dir={glue}"]
     assert main(["pretrain", f"{family}-tiny", "--dry-run", f"data.cache_dir={cache_dir}",
                  f"data.corpus=[{real_text}]", "data.num_proc=1", "tokenizer.vocab_size=1024",
-                 "tokenizer.min_frequency=1", f"output_dir={tmp_path / 'run'}"]) == 0
+                 "tokenizer.min_frequency=1", f"output_dir={tmp_path / 'run'}", *extra]) == 0
     out = capsys.readouterr().out
     assert f"name: {family}" in out and "parameters: " in out
     stats = {}
@@ -217,7 +239,7 @@ def test_dry_run_reports_parameters_and_data_statistics(family, cache_dir, real_
             stats[key] = float(value.replace(",", ""))
     assert stats["train_examples"] > 0 and stats["eval_examples"] > 0
     assert all(math.isfinite(v) for v in stats.values())
-    if family != "gpt":  # masked LM: the realised 15% and its 80/10/10 split
+    if issubclass(get_family(family), MaskedLMFamily):  # the realised 15%, 80/10/10
         assert stats["mask_rate"] == pytest.approx(0.15, abs=0.01)
         assert stats["mask_split_mask"] == pytest.approx(0.8, abs=0.03)
         assert stats["mask_split_random"] == pytest.approx(0.1, abs=0.03)
@@ -226,4 +248,7 @@ def test_dry_run_reports_parameters_and_data_statistics(family, cache_dir, real_
             assert stats[f"{task}_label_1"] == pytest.approx(0.5, abs=0.03)
     if family == "gpt":
         assert 0 <= stats["dropped_fraction"] < 0.1
+    if family == "classify":  # the fixture's labels: "the" in the sentence or not
+        assert stats["label_0"] + stats["label_1"] == pytest.approx(1.0)
+        assert 0.3 < stats["label_1"] < 0.9 and 0 <= stats["truncated_fraction"] < 0.5
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written

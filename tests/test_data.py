@@ -103,3 +103,56 @@ def test_output_does_not_depend_on_the_number_of_workers(make_recipe, tmp_path, 
     assert one.train["input_ids"] == two.train["input_ids"]
     assert one.train["mlm_ids"] == two.train["mlm_ids"]
     assert one.eval["input_ids"] == two.eval["input_ids"]
+
+
+def test_default_corpus_drops_code_paragraphs_and_is_extracted_once(cache_dir):
+    from overture.data.corpus import _prose_paragraphs
+
+    doc = ("Return the number of items in the container, counting each one of them once.\n\n"
+           ">>> len([1, 2, 3])\n3\n\n"
+           "    indented = example(block, of, code, that, is, long, enough, to, count)\n\n"
+           "x = f(a)[0] + g(b)[1] * h(c)[2] - k(d)[3] / m(e)[4] + n(f)[5] + o(g)[6] + p(h)[7]")
+    assert _prose_paragraphs(doc, 12) == [doc.split("\n\n")[0]]
+    path = default_corpus_path(cache_dir)
+    stamp = path.stat().st_mtime_ns
+    assert default_corpus_path(cache_dir) == path and path.stat().st_mtime_ns == stamp
+
+
+def test_overture_cache_overrides_the_cache_dir(make_recipe, monkeypatch, tmp_path):
+    recipe = make_recipe()
+    monkeypatch.setenv("OVERTURE_CACHE", str(tmp_path / "elsewhere"))
+    assert recipe.data.resolved_cache_dir == tmp_path / "elsewhere"
+
+
+def test_a_changed_corpus_file_changes_the_cache_key(tmp_path):
+    import os
+
+    from overture.data.corpus import corpus_fingerprint
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("One sentence here.\n")
+    before = corpus_fingerprint(resolve_sources([str(corpus)], tmp_path))
+    corpus.write_text("One sentence there.\n")
+    os.utime(corpus, ns=(1, 1))  # a new mtime, whatever the clock's resolution
+    assert corpus_fingerprint(resolve_sources([str(corpus)], tmp_path)) != before
+
+
+def test_eval_corpus_is_held_out_whole_from_its_own_file(make_recipe, tmp_path, real_text):
+    held_out = tmp_path / "held.txt"
+    held_out.write_text("Zebras graze on the wide plains of the savanna every morning. "
+                        "Zebras then rest near the river until the evening comes.\n\n" * 40)
+    data = prepare(make_recipe("unused", f"data.eval_corpus=[{held_out}]"), progress=False)
+    tok = data.tokenizer
+    held = set(tok(held_out.read_text(), add_special_tokens=False)["input_ids"])
+    # the original ids (static masks are stored beside the corrupted inputs)
+    eval_ids = set()
+    for row, positions, ids in zip(data.eval["input_ids"], data.eval["mlm_positions"],
+                                   data.eval["mlm_ids"]):
+        row = list(row)
+        for position, original in zip(positions, ids):
+            row[position] = original
+        eval_ids.update(row)
+    assert eval_ids - set(tok.all_special_ids) <= held  # eval text is the held-out file only
+    train_ids = {i for row in data.train[:200]["input_ids"] for i in row}
+    assert len(train_ids - held) > 100  # training text is the corpus
+    assert data.stats["eval_examples"] == len(data.eval) > 0

@@ -272,11 +272,13 @@ def test_generate_samples_reproducibly_from_a_trained_gpt(trained, capsys):
     args = ["generate", "--checkpoint", str(run), "--prompt", "The war", "--max-new-tokens",
             "12", "--seed", "3"]
     outputs = []
-    for extra in ([], [], ["--seed", "4"], ["--temperature", "0"]):
+    for extra in ([], [], ["--seed", "4"], ["--temperature", "0"],
+                  ["--temperature", "0", "--seed", "4"]):
         assert main([*args, *extra]) == 0
         outputs.append(capsys.readouterr().out.strip())
     assert outputs[0] == outputs[1] and outputs[0].startswith("The war")
     assert outputs[0] != outputs[2]
+    assert outputs[3] == outputs[4]  # greedy: the seed does not matter
     assert len(outputs[0]) > len("The war")
 
 
@@ -348,3 +350,55 @@ def test_resuming_a_run_with_another_family_is_refused(trained):
     recipe = load_recipe("gpt-tiny", [f"output_dir={run}"])
     with pytest.raises(ConfigError, match="different objective name"):
         find_resume_point(recipe)
+
+
+def test_mlm_loss_on_selected_positions_equals_the_stock_models_loss(cache_dir, real_text):
+    # The head runs only where a token is masked; the loss must be the stock
+    # BertForPreTraining's, which runs the head everywhere and ignores label -100.
+    recipe = tiny("bert", "unused", cache_dir, real_text)
+    data = prepare(recipe)
+    batch = data.objective.collator(recipe.resolved_phases()[0])(
+        IndexedDataset(data.train).__getitems__(list(range(8))))
+    module = data.objective.build_models()["model"].eval()
+    with torch.no_grad():
+        ours = module(**batch)
+        stock = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             token_type_ids=batch["token_type_ids"], labels=batch["labels"],
+                             next_sentence_label=batch["sentence_label"])
+        masked = (batch["labels"] != IGNORE_INDEX).sum()
+        nsp = torch.nn.functional.cross_entropy(stock.seq_relationship_logits,
+                                                batch["sentence_label"])
+    assert ours["mlm_loss_sum"] / masked + ours["nsp_loss_sum"] / 8 == pytest.approx(
+        stock.loss.item(), rel=1e-5)
+    assert ours["nsp_loss_sum"] / 8 == pytest.approx(nsp.item(), rel=1e-5)
+
+
+def test_bert_pairs_carry_token_types_zero_for_a_and_one_for_b(cache_dir, real_text):
+    recipe = tiny("bert", "unused", cache_dir, real_text)
+    data = prepare(recipe)
+    batch = data.objective.collator(recipe.resolved_phases()[0])(
+        IndexedDataset(data.train).__getitems__(list(range(16))))
+    sep = data.tokenizer.sep_token_id
+    for ids, types, mask in zip(batch["input_ids"], batch["token_type_ids"],
+                                batch["attention_mask"]):
+        real = int(mask.sum())
+        first_sep = int((ids == sep).nonzero()[0])
+        assert types[:first_sep + 1].eq(0).all() and types[first_sep + 1:real].eq(1).all()
+        assert types[real:].eq(0).all() and first_sep + 1 < real
+
+
+def test_bert_without_nsp_is_a_masked_lm_on_full_sentences(cache_dir, real_text):
+    recipe = tiny("bert", "unused", cache_dir, real_text, "objective.nsp=false")
+    data = prepare(recipe)
+    assert data.objective.heads == ("mlm",)
+    module = data.objective.build_models()["model"]
+    assert type(module.model).__name__ == "BertForMaskedLM"
+    batch = data.objective.collator(recipe.resolved_phases()[0])(
+        IndexedDataset(data.train).__getitems__(list(range(8))))
+    assert "sentence_label" not in batch and "token_type_ids" not in batch
+    # packed sentences, not pairs: [CLS] ... [SEP] rows, mostly full
+    tok = data.tokenizer
+    for row, mask in zip(batch["input_ids"], batch["attention_mask"]):
+        assert row[0] == tok.cls_token_id and row[int(mask.sum()) - 1] == tok.sep_token_id
+    stats = prepare(recipe).stats
+    assert stats["train_tokens"] / (stats["train_examples"] * recipe.data.max_seq_len) > 0.6

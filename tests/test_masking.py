@@ -111,3 +111,17 @@ def test_static_masking_gives_the_same_masks_each_pass(make_recipe):
     assert selected.any()
     # statically masked examples keep their [CLS]/[SEP] layout intact
     assert (first["input_ids"][:, 0] == data.tokenizer.cls_token_id).all()
+
+
+def test_a_fractional_expected_count_is_rounded_stochastically():
+    # 10 candidates x 15% = 1.5 tokens: rounding down would select 1 every time.
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 1000, (4000, 12), generator=generator)
+    special = torch.zeros_like(ids, dtype=torch.bool)
+    special[:, 0] = special[:, -1] = True
+    spec = MaskingSpec(mask_token_id=4, random_token_ids=torch.arange(10, 1000),
+                       mlm_probability=0.15, max_predictions_per_seq=12)
+    _, labels = mask_tokens(ids, special, spec, generator)
+    counts = (labels != IGNORE_INDEX).sum(1)
+    assert set(counts.tolist()) == {1, 2}
+    assert counts.float().mean().item() == pytest.approx(1.5, abs=0.03)

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from helpers import prepare
-from overture.pretrain.text.nsp import IS_NEXT, IS_RANDOM, create_pairs, split_sentences
+from overture.pretrain.text.builders import sentence_starts
+from overture.pretrain.text.nsp import IS_NEXT, IS_RANDOM, create_pairs
 
 DOC_STRIDE = 100_000
 
@@ -75,9 +76,11 @@ def test_short_seq_prob_produces_short_examples():
     assert sum(x < 30 for x in lengths(1.0)) > 2 * sum(x < 30 for x in lengths(0.0))
 
 
-def test_split_sentences_on_end_punctuation():
-    assert split_sentences("It rained . Then it stopped! Did it? yes") == [
-        "It rained .", "Then it stopped!", "Did it?", "yes"]
+def test_lines_split_into_sentences_at_end_punctuation_and_space():
+    line = "It rained . Then it stopped! Did it? yes, 3.5 mm"
+    starts = sentence_starts(line)
+    pieces = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], len(line)])]
+    assert pieces == ["It rained .", "Then it stopped!", "Did it?", "yes, 3.5 mm"]
 
 
 def test_prepared_real_text_is_balanced_and_well_formed(make_recipe):

@@ -89,6 +89,18 @@ def prepare_examples(builder: ExampleBuilder, data: DataConfig,
                         stats=stats)
 
 
+def pad_rows(rows, value: int, multiple: int = 8):
+    """Variable-length rows of ids -> one [B, L] long tensor, padded with ``value`` to the
+    longest row rounded up to ``multiple`` (tensor-core friendly shapes)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.utils.rnn import pad_sequence
+
+    padded = pad_sequence([torch.as_tensor(r, dtype=torch.long) for r in rows],
+                          batch_first=True, padding_value=value)  # [B, L]
+    return F.pad(padded, (0, -padded.shape[1] % multiple), value=value)
+
+
 class IndexedDataset:
     """A datasets.Dataset fetched a batch at a time, its indices passed to the collator
     (dynamic masks are seeded by them)."""

@@ -29,6 +29,12 @@ from .sop import create_sop_pairs
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
 
 
+def sentence_starts(line: str) -> list[int]:
+    """Character offsets where the sentences of a line start: after ``.``, ``!`` or
+    ``?`` followed by white space."""
+    return [0] + [m.end() for m in _SENTENCE_END.finditer(line)]
+
+
 @dataclass
 class StaticMasking:
     """Masks drawn once at preprocessing (BERT's static masking); picklable settings."""
@@ -136,8 +142,7 @@ class TextBuilder:
             if self.units != "token":
                 values = values * 2 + self._unit_starts(line, enc, counts)
             token_starts = np.asarray([o[0] for o in enc.offsets])
-            sentence_starts = [0] + [m.end() for m in _SENTENCE_END.finditer(line)]
-            sentence = np.searchsorted(sentence_starts, token_starts, side="right")
+            sentence = np.searchsorted(sentence_starts(line), token_starts, side="right")
             bounds = np.flatnonzero(np.diff(sentence)) + 1
             for part in np.split(values, bounds):
                 for start in range(0, len(part), piece):

@@ -21,6 +21,7 @@ class TextFamily:
 
     unit: ClassVar[str] = "tokens"
     tokenizer_spec: ClassVar[TokenizerSpec]
+    auto_class: ClassVar[str] = "AutoModelForPreTraining"
     lm_head: ClassVar[str]
     """The language-modelling head whose loss gives the perplexity."""
 
@@ -31,12 +32,17 @@ class TextFamily:
 
     def prepare(self, phase: Phase, progress: bool = True) -> PreparedData:
         """Cached examples for ``phase`` (the tokenizer trained or loaded on first call)."""
-        data = self.recipe.data
+        self.load_tokenizer()
+        return prepare_examples(self.builder(phase), self.recipe.data, progress)
+
+    def load_tokenizer(self):
+        """The tokenizer: trained on the corpus (cached) or loaded, once."""
         if self.tokenizer is None:
+            data = self.recipe.data
             sources = resolve_sources(data.corpus, data.resolved_cache_dir)
             self.tokenizer = load_or_train_tokenizer(self.recipe.tokenizer, data, sources,
                                                      self.tokenizer_spec)
-        return prepare_examples(self.builder(phase), data, progress)
+        return self.tokenizer
 
     def builder(self, phase: Phase):
         raise NotImplementedError

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 
 from ...config import ConfigError, Phase, choice, fraction, positive
+from ...data.prepare import pad_rows
 from ...objective import Update
 from .builders import StaticMasking
 from .common import TextFamily, read_phrases, transformer_flops_per_token
@@ -127,9 +127,7 @@ class MaskedLMCollator:
         self.epoch = epoch
 
     def _pad(self, column, value: int) -> torch.Tensor:
-        seqs = [torch.as_tensor(s, dtype=torch.long) for s in column]
-        padded = pad_sequence(seqs, batch_first=True, padding_value=value)  # [B, L]
-        return F.pad(padded, (0, -padded.shape[1] % self.pad_to_multiple_of), value=value)
+        return pad_rows(column, value, self.pad_to_multiple_of)  # [B, L]
 
     def __call__(self, rows: dict) -> dict[str, torch.Tensor]:
         columns, indices = rows["columns"], rows["indices"]

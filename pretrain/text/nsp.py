@@ -16,18 +16,9 @@ random token boundary instead (A and B are still consecutive text of one documen
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 
 IS_NEXT, IS_RANDOM = 0, 1
-
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
-
-
-def split_sentences(line: str) -> list[str]:
-    """Split a line into sentences at ., ! or ? followed by white space."""
-    return [s for s in _SENTENCE_END.split(line) if s]
-
 
 @dataclass
 class PairExample:

@@ -1,0 +1,212 @@
+"""Fine-tuning on the engine: real SST-2, best-epoch selection, early stopping, epochs as
+steps, length-grouped batches, MNLI's two dev sets, `overture finetune` / `glue`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+from helpers import classify_inputs, records, tiny
+from overture.cli import main
+from overture.config import load_recipe
+from overture.engine import EpochSampler, train
+from overture.finetune.classify import score_splits
+from overture.finetune.run import finetune, finetune_recipe, run_glue
+from overture.tasks import GLUE
+
+GLUE_DIR = SHARED_DATA / "glue"
+
+
+@pytest.fixture(scope="module")
+def inputs(cache_dir, real_text):
+    """(checkpoint, GLUE-layout folder) of the fine-tuning fixture (tests/helpers.py)."""
+    return classify_inputs(cache_dir, real_text)
+
+
+@pytest.mark.skipif(not (GLUE_DIR / "SST-2" / "dev.tsv").is_file(),
+                    reason="../shared/data/glue is absent")
+def test_a_few_steps_on_real_sst2_beat_the_majority_class(trained, cache_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    checkpoint = trained("bert") / "final"
+    recipe = finetune_recipe(str(checkpoint), "sst2", str(GLUE_DIR), seed=0, overrides=[
+        f"output_dir={tmp_path / 'sst2'}", f"data.cache_dir={cache_dir}", "train.epochs=null",
+        "train.max_steps=300", "train.interval_unit=steps", "train.eval_every=0",
+        "train.save_every=0", "train.lr=1e-3", "data.max_seq_len=64"])
+    metrics = finetune(recipe, progress=False)
+    dev = [line.split("\t") for line in
+           (tmp_path / "sst2" / "dev_predictions.tsv").read_text().splitlines()[1:]]
+    majority = max(np.mean([d[2] == "1" for d in dev]), np.mean([d[2] == "0" for d in dev]))
+    assert len(dev) == 872
+    assert metrics["dev"]["accuracy"] > majority + 0.03, (metrics["dev"], majority)
+    assert metrics["dev"]["accuracy"] == pytest.approx(np.mean([d[2] == d[3] for d in dev]))
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "sst2" / "final")
+    assert model.config.id2label == {0: "0", 1: "1"}
+    saved = json.loads((tmp_path / "sst2" / "metrics.json").read_text())
+    assert saved["dev"] == metrics["dev"] and saved["task"] == "sst2"
+
+
+def test_final_is_the_best_evaluation_and_scores_what_it_logged(inputs, cache_dir, real_text,
+                                                                tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "best"
+    recipe = tiny("classify", run, cache_dir, real_text, "train.max_steps=24",
+                  "train.eval_every=6", "train.eval_batches=1000", "train.lr=3e-3",
+                  "train.save_every=12")
+    metrics = finetune(recipe, progress=False)
+    evals = records(run, "eval")
+    scored = {s: r["score"] for s, r in evals.items() if s > 0}
+    best_step = max(scored, key=scored.get)  # the first of equals, as the engine keeps
+    assert sorted(scored) == [6, 12, 18, 24]
+    # the last checkpoint knows the final evaluation too (saved at 24 before it)
+    state = json.loads((run / "checkpoints" / "step-000024" / "train_state.json").read_text())
+    assert state["best_step"] == best_step
+    assert state["evals_since_best"] == sum(s > best_step for s in scored)
+    assert metrics["dev"]["score"] == pytest.approx(scored[best_step], abs=1e-6)
+    final = load_file(str(run / "final" / "model.safetensors"))
+    best = load_file(str(run / "best" / "model.safetensors"))
+    assert all(torch.equal(final[k], best[k]) for k in best)
+    dev = (run / "dev_predictions.tsv").read_text().splitlines()
+    assert dev[0] == "split\tid\tlabel\tprediction" and len(dev) - 1 == metrics_rows(run)
+    submission = (run / "submission" / "SST-2.tsv").read_text().splitlines()
+    assert submission[0] == "index\tprediction" and len(submission) == 11
+    assert {line.split("\t")[1] for line in submission[1:]} <= {"0", "1"}
+
+
+def metrics_rows(run: Path) -> int:
+    """Rows of the fixture's dev file."""
+    recipe = load_recipe(run / "final" / "recipe.yaml")
+    return len((Path(recipe.objective.data_dir) / "SST-2" / "dev.tsv").read_text()
+               .splitlines()) - 1
+
+
+def test_mnli_scores_both_dev_sets_and_predicts_the_diagnostic(inputs, cache_dir, real_text,
+                                                              tmp_path):
+    checkpoint, _ = inputs
+    glue = tmp_path / "glue"
+    header = "index\tgenre\tsentence1\tsentence2\tgold_label\n"
+    labels = ("entailment", "neutral", "contradiction")
+    sentences = [s for s in real_text.read_text(encoding="utf-8").splitlines()
+                 if 5 < len(s.split()) < 30][:120]
+    rows = [f"{i}\tfiction\t{a}\t{b}\t{labels[i % 3]}"
+            for i, (a, b) in enumerate(zip(sentences[::2], sentences[1::2]))]
+    (glue / "MNLI").mkdir(parents=True)
+    (glue / "MNLI" / "train.tsv").write_text(header + "\n".join(rows[:40]) + "\n")
+    (glue / "MNLI" / "dev_matched.tsv").write_text(header + "\n".join(rows[40:50]) + "\n")
+    (glue / "MNLI" / "dev_mismatched.tsv").write_text(header + "\n".join(rows[50:60]) + "\n")
+    (glue / "diagnostic").mkdir()
+    (glue / "diagnostic" / "diagnostic.tsv").write_text(
+        "index\tsentence1\tsentence2\n0\tThe cat sat.\tA cat sat.\n1\tIt rains.\tIt is dry.\n")
+    recipe = finetune_recipe(str(checkpoint), "mnli", str(glue), seed=0, overrides=[
+        f"output_dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}", "train.epochs=1",
+        "train.batch_size=8", "data.max_seq_len=64"])
+    metrics = finetune(recipe, progress=False)["dev"]
+    assert set(metrics) >= {"dev_matched_accuracy", "dev_mismatched_accuracy", "accuracy"}
+    assert metrics["accuracy"] == pytest.approx(
+        (metrics["dev_matched_accuracy"] + metrics["dev_mismatched_accuracy"]) / 2)
+    logged = records(tmp_path / "run", "eval")
+    assert logged[max(logged)]["dev_matched_accuracy"] == pytest.approx(
+        metrics["dev_matched_accuracy"])
+    ax = (tmp_path / "run" / "submission" / "AX.tsv").read_text().splitlines()
+    assert ax[0] == "index\tprediction" and len(ax) == 3
+    assert {line.split("\t")[1] for line in ax[1:]} <= set(labels)
+
+
+@pytest.mark.parametrize("task, epochs", [("sst2", 3), ("mrpc", 5), ("cola", 10), ("stsb", 10),
+                                          ("rte", 10), ("wnli", 10), ("mnli", 3)])
+def test_each_task_gets_its_default_epochs_and_the_papers_settings(task, epochs):
+    recipe = finetune_recipe("some/checkpoint", task)
+    cfg = recipe.train
+    assert cfg.epochs == epochs and recipe.objective.task == task
+    assert (cfg.lr, cfg.batch_size, recipe.data.max_seq_len, cfg.warmup_ratio) == (
+        2e-5, 32, 128, 0.1)
+    overridden = finetune_recipe("some/checkpoint", task, overrides=["train.epochs=1"])
+    assert overridden.train.epochs == 1  # the user's override wins
+
+
+def test_early_stopping_ends_the_run_after_evaluations_without_progress(inputs, cache_dir,
+                                                                        real_text, tmp_path):
+    run = tmp_path / "stopped"
+    # lr 1e-12: the model does not move, so the second evaluation is no better
+    train(tiny("classify", run, cache_dir, real_text, "train.max_steps=40", "train.eval_every=4",
+               "train.eval_batches=1000", "train.lr=1e-12", "train.early_stopping_patience=1",
+               "train.save_every=0", "train.log_every=1"), progress=False)
+    assert max(records(run)) == 8  # stopped at the second evaluation, not step 40
+    assert (run / "final" / "config.json").is_file()
+
+
+def test_epochs_and_epoch_intervals_become_steps():
+    recipe = load_recipe("glue-finetune", ["train.batch_size=8",
+                                           "train.gradient_accumulation_steps=2",
+                                           "train.epochs=3", "train.warmup_ratio=0.1"])
+    resolved = recipe.for_dataset(examples=100, processes=1)  # 12 batches: 6 steps / epoch
+    assert resolved.train.max_steps == 18 and resolved.total_steps == 18
+    assert resolved.train.eval_every == 6 and resolved.train.save_every == 6
+    assert resolved.train.warmup_steps == 2  # ceil(0.1 x 18)
+    assert recipe.train.interval_unit == "epochs"  # the original is unchanged
+
+
+def test_length_grouped_order_is_a_seeded_permutation_with_sorted_groups():
+    lengths = torch.randint(1, 100, (1000,), generator=torch.Generator().manual_seed(0)).tolist()
+    sampler = EpochSampler(1000, seed=1, lengths=lengths, group=100)
+    first = list(sampler)
+    assert sorted(first) == list(range(1000)) and list(sampler) == first
+    for start in range(0, 1000, 100):
+        group = [lengths[i] for i in first[start:start + 100]]
+        assert group == sorted(group, reverse=True)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_two_dev_sets_are_scored_apart_and_averaged():
+    mnli = GLUE["mnli"]
+    predictions = np.array([0, 1, 2, 0, 0, 0])
+    references = np.array([0, 1, 2, 0, 1, 2])
+    splits = np.array([0, 0, 0, 1, 1, 1])
+    got = score_splits(mnli, predictions, references, splits)
+    assert got["dev_matched_accuracy"] == 1.0
+    assert got["dev_mismatched_accuracy"] == pytest.approx(1 / 3)
+    assert got["accuracy"] == got["score"] == pytest.approx(2 / 3)
+
+
+def test_finetune_command_errors_are_one_line_with_exit_2(inputs, tmp_path, capsys):
+    checkpoint, glue = inputs
+    cases = [(["--task", "sst3"], "did you mean 'sst2'"),
+             (["--task", "ax"], "predicted by a mnli model"),
+             (["--task", "sst2", "--data-dir", str(tmp_path)],
+              str(tmp_path / "SST-2" / "train.tsv")),
+             (["--task", "sst2", "--data-dir", str(glue), "--checkpoint", str(tmp_path)],
+              "no config.json"),
+             (["--task", "sst2", "--data-dir", str(glue), "--checkpoint", str(checkpoint),
+               "train.epochs=-1"], "train.epochs=-1.0 must be positive")]
+    for args, message in cases:
+        argv = ["finetune", "--checkpoint", str(tmp_path / "nowhere"), *args,
+                f"output_dir={tmp_path / 'run'}"]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not (tmp_path / "run").exists()  # nothing made for a bad input
+
+
+def test_glue_tabulates_seeds_and_names_missing_tasks(inputs, cache_dir, real_text, tmp_path):
+    checkpoint, glue = inputs
+    table = run_glue(str(checkpoint), ["sst2", "rte"], seeds=2, data_dir=str(glue),
+                     output_dir=str(tmp_path / "glue"), progress=False, overrides=[
+                         f"data.cache_dir={cache_dir}", "train.epochs=null",
+                         "train.max_steps=6", "train.interval_unit=steps", "train.eval_every=0",
+                         "train.save_every=0", "data.max_seq_len=32", "train.batch_size=8"])
+    sst2 = table["tasks"]["sst2"]["metrics"]["accuracy"]
+    assert len(sst2["values"]) == 2 and sst2["mean"] == pytest.approx(np.mean(sst2["values"]))
+    assert "rte" in table["skipped"] and "RTE" in table["skipped"]["rte"]
+    markdown = (tmp_path / "glue" / "glue.md").read_text()
+    assert "| sst2 | accuracy |" in markdown and "skipped rte" in markdown
+    assert "over 1 of 9 tasks" in markdown
+    assert json.loads((tmp_path / "glue" / "glue.json").read_text())["glue_tasks"] == ["sst2"]
+    for seed in (42, 43):
+        assert (tmp_path / "glue" / "sst2" / f"seed-{seed}" / "final" / "config.json").is_file()
