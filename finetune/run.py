@@ -14,6 +14,8 @@ import numpy as np
 
 from overture.atomic import write_text_atomic
 from overture.config import ConfigError, Recipe, load_recipe
+from overture.data.prepare import IndexedDataset
+from overture.finetune.classify import ClassifierModule, score_splits
 from overture.tasks import SCORED, get_task, load_task
 from overture.tasks.metrics import glue_score
 from overture.tasks.submission import prediction_strings, write_submission
@@ -51,8 +53,6 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict:
     run_dir = Path(recipe.output_dir)
     task = objective.task
     predictions, references, splits = _predict(model, objective, data.eval, recipe)
-    from overture.finetune.classify import score_splits
-
     dev = score_splits(task, predictions, references, splits)
     ids = json.loads((data.folder / "ids.json").read_text())
     lines = ["split\tid\tlabel\tprediction"]
@@ -92,13 +92,9 @@ def _predict(model, objective, dataset, recipe):
     """(predictions, references, split index) of every row of ``dataset``, in order."""
     import torch
 
-    from overture.data.prepare import IndexedDataset
-
     collator = objective.collator(recipe.resolved_phases()[0])
     rows = IndexedDataset(dataset)
     out = {"predictions": [], "references": [], "eval_split": []}
-    from overture.finetune.classify import ClassifierModule
-
     wrapped = ClassifierModule(model, objective.task.is_regression)
     batch_size = recipe.train.batch_size
     with torch.inference_mode():
