@@ -17,7 +17,7 @@ accelerator = Accelerator(cpu=True)
 rank, world = accelerator.process_index, accelerator.num_processes
 for family in sys.argv[4:]:
     recipe = tiny(family, "unused", cache_dir, corpus)
-    big = torch.load(work / f"{family}-batch.pt")
+    big = torch.load(work / f"{family}-batch.pt", weights_only=True)
     share = len(next(iter(big.values()))) // world
     mine = {k: v[rank * share:(rank + 1) * share] for k, v in big.items()}
     params = sgd_step(recipe, prepare(recipe).objective, [mine], accelerator)

@@ -104,7 +104,7 @@ def test_two_processes_of_4_equal_one_batch_of_8(cache_dir, real_text, tmp_path)
          str(tmp_path), *FAMILIES], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for family in FAMILIES:
-        parallel = torch.load(tmp_path / f"{family}-ddp.pt")
+        parallel = torch.load(tmp_path / f"{family}-ddp.pt", weights_only=True)
         assert torch.allclose(expected[family], parallel, atol=1e-6, rtol=0), family
 
 

@@ -134,7 +134,7 @@ def test_several_updates_run_on_their_schedule_and_frozen_models_stay_frozen(
     for key, value in objective.encoder.state_dict().items():
         assert torch.equal(value, before[key])
     assert all(not p.requires_grad for p in objective.encoder.parameters())
-    saved = torch.load(final / "models.pt")
+    saved = torch.load(final / "models.pt", weights_only=True)
     assert set(saved) == {"generator", "discriminator"}  # the frozen encoder is not trained
     logged = records(tmp_path / "gan")
     assert [logged[s]["images_seen"] for s in (1, 2, 3, 4)] == [8, 16, 24, 32]
