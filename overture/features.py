@@ -70,6 +70,8 @@ class Encoder:
         if batch_size < 1:
             raise ConfigError(f"--batch-size={batch_size} must be at least 1")
         texts = [str(t) for t in texts]
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True,
                                                       max_length=self.max_length)["input_ids"]]
         order = np.argsort(lengths, kind="stable")
@@ -130,15 +132,18 @@ def read_texts(path: Path, column: str | None, id_column: str | None
         raise ConfigError(f"--input {path}: no such file")
     if path.suffix.lower() not in (".csv", ".tsv", ".jsonl", ".parquet"):
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        return [str(i) for i in range(1, len(lines) + 1)], lines
-    column = column or "text"
-    ids, texts = [], []
-    for number, (where, row) in enumerate(iter_records(path), start=1):
-        if row.get(column) is None:
-            raise ConfigError(f"{where}: no field {column!r} (fields: {', '.join(row)}); "
-                              f"choose one with --column")
-        ids.append(str(row[id_column]) if id_column and id_column in row else str(number))
-        texts.append(str(row[column]))
+        ids, texts = [str(i) for i in range(1, len(lines) + 1)], lines
+    else:
+        column = column or "text"
+        ids, texts = [], []
+        for number, (where, row) in enumerate(iter_records(path), start=1):
+            if row.get(column) is None:
+                raise ConfigError(f"{where}: no field {column!r} (fields: "
+                                  f"{', '.join(row)}); choose one with --column")
+            ids.append(str(row[id_column]) if id_column and id_column in row else str(number))
+            texts.append(str(row[column]))
+    if not texts:
+        raise ConfigError(f"--input {path}: holds no texts")
     return ids, texts
 
 

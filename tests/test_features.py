@@ -96,6 +96,9 @@ def test_features_errors_name_the_input(trained, tmp_path, capsys):
     source.write_text("text,id\nhello,1\n")
     args = ["features", "--checkpoint", str(trained("bert")), "--output", str(tmp_path / "o.npy")]
     assert main([*args, "--input", str(tmp_path / "none.txt")]) == 2
+    (tmp_path / "empty.txt").write_text("")
+    assert main([*args, "--input", str(tmp_path / "empty.txt")]) == 2
+    assert "holds no texts" in capsys.readouterr().err
     assert main([*args, "--input", str(source), "--column", "body"]) == 2
     assert "no field 'body'" in capsys.readouterr().err
     assert main([*args, "--input", str(source), "--output", str(tmp_path / "o.csv")]) == 2
