@@ -243,9 +243,16 @@ class Classify:
         tok = self.tokenizer
         columns = list(zip(*rows.texts)) or [(), ()][:len(self.task.text_columns)]
         first, second = (list(columns[0]), list(columns[1]) if len(columns) > 1 else None)
-        full = tok(first, second, truncation=False, verbose=False)["input_ids"]
-        enc = tok(first, second, truncation=True, max_length=max_len)
-        stats[f"{name}_truncated"] += sum(len(x) > max_len for x in full)
+        enc = tok(first, second, truncation=False, verbose=False)
+        long = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > max_len]
+        stats[f"{name}_truncated"] += len(long)
+        if long:  # only the rows that need it are encoded again, cut by the tokenizer
+            cut = tok([first[i] for i in long],
+                      None if second is None else [second[i] for i in long],
+                      truncation=True, max_length=max_len)
+            for key in enc:
+                for i, value in zip(long, cut[key]):
+                    enc[key][i] = value
         stats[f"{name}_tokens"] += sum(map(len, enc["input_ids"]))
         regression = self.task.is_regression
         # unlabelled (test) rows: NaN, or the index cross-entropy ignores

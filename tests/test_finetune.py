@@ -210,3 +210,19 @@ def test_glue_tabulates_seeds_and_names_missing_tasks(inputs, cache_dir, real_te
     assert json.loads((tmp_path / "glue" / "glue.json").read_text())["glue_tasks"] == ["sst2"]
     for seed in (42, 43):
         assert (tmp_path / "glue" / "sst2" / f"seed-{seed}" / "final" / "config.json").is_file()
+
+
+def test_long_inputs_are_cut_to_max_seq_len_and_counted(inputs, cache_dir, real_text):
+    from helpers import prepare
+
+    recipe = tiny("classify", "unused", cache_dir, real_text, "data.max_seq_len=24")
+    data = prepare(recipe)
+    tok = data.tokenizer
+    glue = Path(recipe.objective.data_dir)
+    sentences = [line.split("\t")[0] for line in
+                 (glue / "SST-2" / "train.tsv").read_text().splitlines()[1:]]
+    long = sum(len(tok(s)["input_ids"]) > 24 for s in sentences)
+    assert data.stats["train_truncated"] == long > 0
+    lengths = data.train["length"]
+    assert max(lengths) == 24 and sum(n == 24 for n in lengths) >= long
+    assert all(len(ids) == n for ids, n in zip(data.train["input_ids"], lengths))
