@@ -7,20 +7,37 @@ mid-save) is never used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
 
 from .atomic import COMPLETE, fresh_tmp_dir, publish_dir
 from .config import ConfigError, Recipe
+from .errors import SaveFailed
 
 log = logging.getLogger(__name__)
 
 TRAIN_STATE = "train_state.json"
 RECIPE_FILE = "recipe.yaml"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+# Settings a run may be resumed with after a change: when, how long and how fast it
+# trains, not what it trains on. A changed batch size or process count re-shards the data
+# position (engine.TrainState.reshard). Everything else must match the checkpoint.
+RESUMABLE = {"name", "description", "output_dir", "data.cache_dir", "data.num_proc",
+             *(f"train.{key}" for key in (
+                 "max_steps", "epochs", "max_time", "lr", "warmup_steps", "warmup_ratio",
+                 "lr_schedule", "max_grad_norm", "batch_size", "gradient_accumulation_steps",
+                 "eval_every", "eval_batches", "log_every", "save_every", "interval_unit",
+                 "keep_last", "resume", "report_to", "num_workers", "peak_tflops",
+                 "max_nonfinite_steps", "best_metric", "best_mode",
+                 "early_stopping_patience"))}
+RESUMABLE_PHASE = {"steps", "batch_size"}
+LENGTH = ("train.max_steps", "train.epochs", "phases")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -67,20 +84,59 @@ def find_resume_point(recipe: Recipe) -> Path | None:
     return None
 
 
-def _check_compatible(recipe: Recipe, checkpoint: Path) -> None:
+def _saved_recipe(checkpoint: Path) -> dict:
     import yaml
 
-    saved = yaml.safe_load((checkpoint / RECIPE_FILE).read_text())
-    current = recipe.to_dict()
-    for section, key in (("objective", "name"), ("model", None)):
-        before, now = saved.get(section) or {}, current[section]
-        if key:
-            before, now = before.get(key, "bert"), now[key]
-        if before != now:
-            raise ConfigError(
-                f"{checkpoint}: was trained with a different {section} "
-                f"{'section' if key is None else key} than this recipe's; resume needs the "
-                "same (set train.resume=never and a new output_dir to start afresh)")
+    return yaml.safe_load((Path(checkpoint) / RECIPE_FILE).read_text()) or {}
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """A recipe dict as {dotted key: value}; a list of sections becomes
+    ``phases[0].steps``-style keys."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items()
+                for k, v in flatten(value, f"{prefix}{key}.").items()}
+    if isinstance(tree, list) and tree and all(isinstance(x, dict) for x in tree):
+        return {k: v for i, value in enumerate(tree)
+                for k, v in flatten(value, f"{prefix[:-1]}[{i}].").items()}
+    return {prefix[:-1]: tree}
+
+
+def changed_settings(recipe: Recipe, checkpoint: Path) -> dict[str, tuple]:
+    """Settings of ``recipe`` that differ from the checkpoint's: {key: (saved, now)}.
+    A key the checkpoint does not know (added in a later version) counts as unchanged."""
+    saved_tree = _saved_recipe(checkpoint)
+    saved, now = flatten(saved_tree), flatten(recipe.to_dict())
+    changes = {key: (saved[key], now[key]) for key in sorted(saved)
+               if key in now and saved[key] != now[key]}
+    before, after = len(saved_tree.get("phases") or []), len(recipe.phases)
+    if before != after:
+        changes["phases"] = (f"{before} phases", f"{after} phases")
+    return changes
+
+
+def _check_compatible(recipe: Recipe, checkpoint: Path) -> None:
+    """Refuse a resume whose recipe changed what the checkpoint means (model, vocabulary,
+    data, masking, sequence length, seed...), naming every changed key."""
+    refused = {key: change for key, change in changed_settings(recipe, checkpoint).items()
+               if key not in RESUMABLE
+               and not re.fullmatch(rf"phases\[\d+\]\.({'|'.join(RESUMABLE_PHASE)})", key)}
+    if refused:
+        shown = "; ".join(f"{key}: {before!r} -> {after!r}"
+                          for key, (before, after) in refused.items())
+        raise ConfigError(f"{checkpoint} was saved with other settings, and resuming would "
+                          f"train on something else: {shown}. Undo the change to continue "
+                          "this run, or give a new output_dir to start another")
+
+
+def is_finished(recipe: Recipe, checkpoint: Path) -> bool:
+    """True when ``checkpoint`` ends a run that reached its end, final/ was exported and
+    ``recipe`` asks for no more steps: running it again would only overwrite final/."""
+    state = json.loads((Path(checkpoint) / TRAIN_STATE).read_text())
+    final = Path(recipe.output_dir) / "final"
+    length_changed = any(key == name or key.startswith(name + "[")
+                         for key in changed_settings(recipe, checkpoint) for name in LENGTH)
+    return bool(state.get("finished")) and final.is_dir() and not length_changed
 
 
 def save_checkpoint(accelerator, recipe: Recipe, step: int, train_state: dict) -> Path:
@@ -88,28 +144,66 @@ def save_checkpoint(accelerator, recipe: Recipe, step: int, train_state: dict) -
     position) atomically, then keep only the newest ``train.keep_last``."""
     folder = checkpoints_dir(Path(recipe.output_dir)) / f"step-{step:06d}"
     tmp = folder.with_name(folder.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        # made before the barrier: every rank writes its RNG state into it, and
-        # Accelerate creates it on the main process only (a race otherwise)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
-        (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
-        (tmp / COMPLETE).write_text("")
-        publish_dir(tmp, folder)  # a re-save of the same step replaces it once whole
-        for old in complete_checkpoints(Path(recipe.output_dir))[:-recipe.train.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    with _save_errors(folder, tmp, recipe):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            # made before the barrier: every rank writes its RNG state into it, and
+            # Accelerate creates it on the main process only (a race otherwise)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
+            (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+            (tmp / COMPLETE).write_text("")
+            publish_dir(tmp, folder)  # a re-save of the same step replaces it once whole
+            _prune(Path(recipe.output_dir), step, recipe.train.keep_last)
     accelerator.wait_for_everyone()
     return folder
 
 
+def _prune(run_dir: Path, step: int, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoints up to ``step``, the one just saved
+    included. Later ones belong to a history abandoned by a resume from an earlier
+    checkpoint (``train.resume=PATH``): left there, a crash would resume from them."""
+    found = complete_checkpoints(run_dir)
+    later = [p for p in found if int(_STEP_DIR.match(p.name).group(1)) > step]
+    if later:
+        log.info("removing %s: saved before the resume from an earlier step",
+                 ", ".join(p.name for p in later))
+    earlier = [p for p in found if p not in later]
+    for old in later + earlier[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _save_errors(folder: Path, tmp: Path, recipe: Recipe):
+    """A save that fails (disk full, permissions) removes its partial folder and says so
+    in one line; the checkpoints saved before stay whole."""
+    try:
+        yield
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(Path(recipe.output_dir))
+        kept = f"the previous checkpoint, {previous}, is intact" if previous else \
+            "no earlier checkpoint exists"
+        raise SaveFailed(f"could not write {folder} ({err.strerror or err}); {kept}. Free "
+                         "space or fix permissions, then run the same command to continue "
+                         "from it") from None
+
+
 def load_checkpoint(accelerator, folder: Path) -> dict:
     """Restore the full training state; returns the saved train state (step, data position)."""
-    accelerator.load_state(str(folder))
+    try:
+        accelerator.load_state(str(folder))
+    except RuntimeError as err:  # e.g. "size mismatch": another vocabulary or model
+        first = str(err).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line),
+                      first[0] if first else "")
+        raise ConfigError(f"{folder} does not fit this run's model ({detail}); it was "
+                          "trained with another vocabulary or model size: resume with the "
+                          "same corpus and settings, or give a new output_dir") from None
     return json.loads((Path(folder) / TRAIN_STATE).read_text())
 
 
@@ -122,11 +216,13 @@ def export_final(accelerator, recipe: Recipe, objective, models: dict,
     # get_state_dict gathers FSDP / DeepSpeed shards: every rank takes part
     state_dicts = {name: accelerator.get_state_dict(m) for name, m in models.items()}
     if accelerator.is_main_process:
-        tmp = fresh_tmp_dir(final)
-        unwrapped = {name: accelerator.unwrap_model(m) for name, m in models.items()}
-        objective.export(unwrapped, state_dicts, tmp)
-        (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
-        publish_dir(tmp, final)
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        with _save_errors(final, tmp, recipe):
+            tmp = fresh_tmp_dir(final)
+            unwrapped = {name: accelerator.unwrap_model(m) for name, m in models.items()}
+            objective.export(unwrapped, state_dicts, tmp)
+            (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+            publish_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final
 

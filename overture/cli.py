@@ -2,8 +2,10 @@
 report.
 
 RECIPE is a YAML path or a bundled recipe name; KEY=VALUE overrides use dotted paths
-(``train.max_steps=50 output_dir=runs/x``). Exit codes: 0 success, 2 bad input (the
-message names the key, file or path), 1 anything else.
+(``train.max_steps=50 output_dir=runs/x``). Exit codes: 0 success (also when the run
+was already finished), 1 an unexpected error or a failed save, 2 bad input (the message
+names the key, file or path), 3 a non-finite loss stopped the run, 130 / 143 stopped by
+SIGINT / SIGTERM after saving a checkpoint (the same command continues).
 """
 
 from __future__ import annotations
@@ -15,9 +17,17 @@ import os
 import sys
 
 from .config import ConfigError, bundled_recipes, load_recipe
+from .errors import Interrupted, RunError
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``overture`` command; its exit code (see the module docstring)."""
+    from .launch import run_main
+
+    return run_main(_main, argv)  # a multi-process run ends cleanly (overture.launch)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     # parse_known_args so that options may stand before or after the KEY=VALUE overrides
     args, extra = parser.parse_known_args(argv)
@@ -34,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        return err.exit_code
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:  # before training started: nothing to save
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved recipe, parameter count and data statistics; "
                         "do not train")
+    p.add_argument("--accelerate-config", metavar="FILE",
+                   help="with --dry-run: check an `accelerate launch --config_file` file "
+                        "against the recipe (recipes/accelerate/ holds working ones)")
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("prepare", help="build the cached dataset only (before a multi-GPU launch)")
@@ -118,6 +140,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _pretrain(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.accelerate_config:
+        if not args.dry_run:
+            raise ConfigError("--accelerate-config is checked with --dry-run; to train, pass "
+                              "the file to `accelerate launch --config_file`")
+        from .launch import check_accelerate_config
+
+        for note in check_accelerate_config(args.accelerate_config, recipe):
+            print(f"accelerate config: {note}")
+        print(f"accelerate config: {args.accelerate_config} fits this recipe")
     if args.dry_run:
         return _dry_run(recipe)
     from .engine import train

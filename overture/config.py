@@ -157,7 +157,8 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate on the held-out split every N steps (0: only at the end)."""
     eval_batches: int = 20
-    """Held-out batches per evaluation."""
+    """Held-out batches per evaluation: the first eval_batches x batch_size held-out
+    examples, each evaluated once whatever the number of processes."""
     log_every: int = 10
     """Write a metrics record every N steps."""
     save_every: int = 0
@@ -174,6 +175,9 @@ class TrainConfig:
     """max or min: which direction of best_metric is better."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without a better best_metric (0: never)."""
+    max_nonfinite_steps: int = 0
+    """Steps with a NaN / infinite loss that may be skipped (not applied, counted, logged)
+    before the run stops; 0 stops at the first one. fp16 loss-scaler skips are separate."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted."""
     resume: str = "auto"
@@ -203,7 +207,8 @@ class TrainConfig:
         if self.early_stopping_patience and not (self.best_metric and self.eval_every):
             raise ConfigError("train.early_stopping_patience needs train.best_metric and "
                               "train.eval_every > 0")
-        for name in ("warmup_steps", "eval_every", "save_every", "num_workers"):
+        for name in ("warmup_steps", "eval_every", "save_every", "num_workers",
+                     "max_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
         if self.max_time is not None and self.max_time <= 0:

@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -21,13 +23,17 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (export_final, find_resume_point, load_checkpoint,
-                         publish_best_as_final, save_checkpoint)
+from .checkpoint import (export_final, find_resume_point, flatten, is_finished,
+                         latest_checkpoint, load_checkpoint, publish_best_as_final,
+                         save_checkpoint)
 from .config import ConfigError, Phase, Recipe
 from .data.prepare import IndexedDataset
+from .errors import Interrupted, NonFiniteLoss
+from .launch import configure_accelerator
 from .objective import Objective, Update
 from .optim import build_optimizer, build_scheduler
 from .registry import build_objective
+from .rundir import claim_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,36 @@ class TrainState:
     best_step: int = -1
     evals_since_best: int = 0
     """Evaluations since the best one (early stopping)."""
+    world_size: int = 1
+    batch_size: int = 0
+    """Processes and per-process micro-batch when saved: a resume on another number of
+    processes or batch size re-shards the data position (``reshard``)."""
+    finished: bool = False
+    """The run reached its last step (or stopped early): re-running it changes nothing."""
+    nonfinite_steps: int = 0
+    """Steps skipped because the loss was NaN / infinite (train.max_nonfinite_steps)."""
+    scaler_skipped_steps: int = 0
+    """fp16 steps the loss scaler skipped (overflowing gradients; normal early on)."""
+    interval: dict | None = None
+    """Sums since the last metrics record, so that the first record after a resume
+    averages the same steps as an uninterrupted run would."""
+
+    def reshard(self, world_size: int, batch_size: int) -> None:
+        """Express the data position in micro-batches of ``batch_size`` on ``world_size``
+        processes. Every process takes its own batch from one shared order, so the first
+        ``batch_in_epoch * world_size * batch_size`` examples of the epoch are consumed."""
+        if not self.batch_size or (world_size, batch_size) == (self.world_size, self.batch_size):
+            return
+        consumed = self.batch_in_epoch * self.world_size * self.batch_size
+        if consumed % (world_size * batch_size):
+            raise ConfigError(
+                f"cannot resume at this data position with {world_size} process(es) x batch "
+                f"{batch_size}: the checkpoint consumed {consumed} examples of the epoch "
+                f"({self.world_size} x {self.batch_size} per step), not a multiple of "
+                f"{world_size * batch_size}; resume with the original layout, or a batch "
+                "layout that divides it")
+        self.batch_in_epoch = consumed // (world_size * batch_size)
+        self.world_size, self.batch_size = world_size, batch_size
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -127,11 +163,12 @@ def setup_trainer(recipe: Recipe, objective: Objective, accelerator) -> Trainer:
 
 
 def train(recipe: Recipe, progress: bool = True) -> Path:
-    """Run (or resume) a pretraining recipe; returns the ``final/`` folder."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    """Run (or resume) a pretraining recipe; returns the ``final/`` folder.
 
-    # ------------------------------------------------------------------ setup
+    Raises ``ConfigError`` for bad input, ``Interrupted`` after SIGINT / SIGTERM (a
+    checkpoint was saved), ``NonFiniteLoss`` when the loss diverges (overture.errors)."""
+    from accelerate import Accelerator
+
     run_dir = Path(recipe.output_dir)
     # step_scheduler_with_optimizer=False: Accelerate would otherwise step the schedule
     # once per process at every optimizer step; ours counts optimizer steps.
@@ -141,11 +178,25 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
     accelerator = Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision,
                               log_with=recipe.train.report_to or None,
                               project_dir=str(run_dir), step_scheduler_with_optimizer=False)
+    configure_accelerator(accelerator, recipe)  # DeepSpeed: refuse accumulation
+    # one run per folder; half-written saves of a crashed run are cleared first
+    with claim_run_dir(run_dir, accelerator.is_main_process):
+        return _train(recipe, accelerator, progress)
+
+
+def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
+    from accelerate.utils import set_seed
+
+    # ------------------------------------------------------------------ setup
+    run_dir = Path(recipe.output_dir)
     is_main = accelerator.is_main_process
     resume_from = find_resume_point(recipe)
-    objective = build_objective(recipe)  # bad inputs fail here, before any folder is made
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_from is not None and is_finished(recipe, resume_from):
+        if is_main:
+            log.info("%s already holds this finished run; final/ is left as it is (raise "
+                     "train.max_steps to train further)", run_dir)
+        return run_dir / "final"
+    objective = build_objective(recipe)  # bad inputs fail here, before any work
     set_seed(recipe.train.seed)
     with accelerator.main_process_first():  # rank 0 builds the cache, the others reuse it
         first = objective.prepare(recipe.resolved_phases()[0], progress=progress and is_main)
@@ -159,10 +210,15 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
     state = TrainState()
     if resume_from is not None:
         state = TrainState(**load_checkpoint(accelerator, resume_from))
+        _resume_layout(state, recipe, phases, accelerator)
+        _apply_lr(trainer, cfg.lr)  # a changed train.lr is allowed and takes effect
         log.info("resumed from %s at step %d", resume_from, state.step)
     metrics_log = MetricsLog(run_dir / "metrics.jsonl") if is_main else None
     if cfg.report_to:
-        accelerator.init_trackers(recipe.name, config=_flatten(recipe.to_dict()))
+        # trackers take scalars only
+        accelerator.init_trackers(recipe.name, config={
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in flatten(recipe.to_dict()).items()})
     peak = _peak_tflops(cfg.peak_tflops, accelerator.device)
     deadline = time.monotonic() + cfg.max_time * 60 if cfg.max_time else None
     units = UnitCounter(state, accelerator)
@@ -171,66 +227,89 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
     bar = _progress_bar(total_steps, state.step, progress and is_main)
     saved_step = state.step if resume_from is not None else -1
     eval_loader = None
-    out_of_time = False
-    for phase_index in range(state.phase, len(phases)):
-        phase = phases[phase_index]
-        phase_end = sum(p.steps for p in phases[:phase_index + 1])
-        if state.step >= phase_end:
-            continue
-        if state.phase != phase_index:  # entering a new phase: its data from the start
-            state.phase, state.epoch, state.batch_in_epoch = phase_index, 0, 0
-        with accelerator.main_process_first():
-            data = objective.prepare(phase, progress=progress and is_main)
-        collator = objective.collator(phase)
-        train_loader, sampler = _train_loader(data.train, collator, phase, recipe, accelerator)
-        eval_loader = _eval_loader(data.eval, objective.collator(phase), phase, recipe,
-                                   accelerator)
-        micro_batches = _micro_batches(train_loader, sampler, collator, state, accelerator)
-        if state.step == 0 and cfg.eval_every:  # the untrained baseline (no RNG drawn)
-            _log({"split": "eval", "step": 0,
-                  **evaluate(trainer, eval_loader, accelerator, cfg.eval_batches)},
-                 metrics_log, accelerator, 0)
-        stop_early = False
-        interval = Interval(objective, accelerator)
-        while state.step < phase_end:
-            step_stats = train_step(trainer, micro_batches, accelerator, cfg, state.step)
-            state.step += 1
-            units.add(step_stats["units"])
-            interval.add(step_stats)
-            bar.update(1)
-            out_of_time = deadline is not None and _all_agree_time_is_up(deadline, accelerator)
-            if state.step % cfg.log_every == 0 or state.step == total_steps or out_of_time:
-                units.settle()
-                record = interval.flush(state, trainer.lr(), peak, phase)
-                unit = objective.unit
-                bar.set_postfix({"loss": f"{record['loss']:.3f}",
-                                 f"{unit}/s": f"{record[f'{unit}_per_s']:,.0f}"})
-                _log(record, metrics_log, accelerator, state.step)
-            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < total_steps:
-                metrics = evaluate(trainer, eval_loader, accelerator, cfg.eval_batches)
-                _log({"split": "eval", "step": state.step, **metrics},
-                     metrics_log, accelerator, state.step)
-                stop_early = _track_best(metrics, state, cfg, accelerator, recipe, trainer)
-            out_of_time = out_of_time or stop_early
-            if (cfg.save_every and state.step % cfg.save_every == 0) or out_of_time:
-                units.settle()
-                save_checkpoint(accelerator, recipe, state.step, asdict(state))
-                saved_step = state.step
+    out_of_time = stop_early = False
+    stop = StopSignals()
+    try:
+        for phase_index in range(state.phase, len(phases)):
+            phase = phases[phase_index]
+            phase_end = sum(p.steps for p in phases[:phase_index + 1])
+            if state.step >= phase_end:
+                continue
+            if state.phase != phase_index:  # entering a new phase: its data from the start
+                state.phase, state.epoch, state.batch_in_epoch = phase_index, 0, 0
+            state.world_size, state.batch_size = accelerator.num_processes, phase.batch_size
+            with accelerator.main_process_first():
+                data = objective.prepare(phase, progress=progress and is_main)
+            collator = objective.collator(phase)
+            train_loader, sampler = _train_loader(data.train, collator, phase, recipe, accelerator)
+            eval_loader = _eval_loader(data.eval, objective.collator(phase), phase, recipe,
+                                       accelerator)
+            micro_batches = _micro_batches(train_loader, sampler, collator, state, accelerator)
+            if state.step == 0 and cfg.eval_every:  # the untrained baseline (no RNG drawn)
+                _log({"split": "eval", "step": 0,
+                      **evaluate(trainer, eval_loader, accelerator)},
+                     metrics_log, accelerator, 0)
+            stop_early = False
+            interval = Interval(objective, accelerator, state.interval)
+            state.interval = None
+            while state.step < phase_end:
+                step_stats = train_step(trainer, micro_batches, accelerator, cfg, state.step)
+                state.step += 1
+                units.add(step_stats["units"])
+                _count_skips(step_stats, state, cfg, run_dir)
+                interval.add(step_stats)
+                bar.update(1)
+                out_of_time, signalled = _agree_to_stop(deadline, stop, accelerator)
+                out_of_time = out_of_time or signalled
+                # a signalled stop saves the open interval with the checkpoint instead
+                if (state.step % cfg.log_every == 0 or state.step == phase_end
+                        or (out_of_time and not signalled)):
+                    units.settle()
+                    record = interval.flush(state, trainer.lr(), peak, phase)
+                    unit = objective.unit
+                    bar.set_postfix({"loss": f"{record['loss']:.3f}",
+                                     f"{unit}/s": f"{record[f'{unit}_per_s']:,.0f}"})
+                    _log(record, metrics_log, accelerator, state.step)
+                eval_due = cfg.eval_every and state.step % cfg.eval_every == 0
+                if eval_due and state.step < total_steps:
+                    metrics = evaluate(trainer, eval_loader, accelerator)
+                    _log({"split": "eval", "step": state.step, **metrics},
+                         metrics_log, accelerator, state.step)
+                    stop_early = _track_best(metrics, state, cfg, accelerator, recipe, trainer)
+                out_of_time = out_of_time or stop_early
+                # the last step is saved below, once the run is marked finished
+                save_due = cfg.save_every and state.step % cfg.save_every == 0
+                if (save_due and state.step < total_steps) or out_of_time:
+                    units.settle()
+                    state.interval = interval.snapshot()
+                    save_checkpoint(accelerator, recipe, state.step, asdict(state))
+                    state.interval = None
+                    saved_step = state.step
+                if signalled:
+                    bar.close()
+                    raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} "
+                                      f"at step {state.step}; checkpoint saved in "
+                                      f"{run_dir / 'checkpoints'}; run the same command again "
+                                      "to continue")
+                if out_of_time:
+                    log.info("%s at step %d", "early stopping" if stop_early else
+                             "train.max_time reached", state.step)
+                    break
             if out_of_time:
-                log.info("%s at step %d", "early stopping" if stop_early else
-                         "train.max_time reached", state.step)
                 break
-        if out_of_time:
-            break
+    finally:  # also when the loop raises
+        stop.restore()
     bar.close()
 
     # ------------------------------------------------------------------ finish
     units.settle()
     if eval_loader is not None:  # draws no RNG: the checkpoint below is unaffected
-        metrics = evaluate(trainer, eval_loader, accelerator, cfg.eval_batches)
+        metrics = evaluate(trainer, eval_loader, accelerator)
         _log({"split": "eval", "step": state.step, **metrics}, metrics_log, accelerator,
              state.step)
         _track_best(metrics, state, cfg, accelerator, recipe, trainer)
+    # a run stopped by max_time is not finished: the same command continues it
+    state.finished = not (out_of_time and not stop_early and state.step < total_steps)
     # saved again when the last evaluation changed the best-model record
     if saved_step != state.step or (cfg.best_metric and eval_loader is not None):
         save_checkpoint(accelerator, recipe, state.step, asdict(state))
@@ -242,6 +321,33 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
         final = export_final(accelerator, recipe, objective, trainer.models)
     accelerator.end_training()
     return final
+
+
+def _resume_layout(state: TrainState, recipe: Recipe, phases: list[Phase],
+                   accelerator) -> None:
+    """Re-express a resumed data position for this run's processes and batch size."""
+    if state.phase >= len(phases):
+        return
+    world, batch = accelerator.num_processes, phases[state.phase].batch_size
+    if (state.batch_size and (world, batch) != (state.world_size, state.batch_size)
+            and recipe.train.group_by_length):
+        raise ConfigError(f"train.group_by_length: the length groups depend on processes x "
+                          f"batch size, which changed ({state.world_size} x {state.batch_size} "
+                          f"-> {world} x {batch}); resume with the original layout")
+    state.reshard(world, batch)
+
+
+def _apply_lr(trainer: Trainer, lr: float) -> None:
+    """Loading a checkpoint restores the saved peak learning rate; a resume with another
+    ``train.lr`` rescales the schedule to the new peak from the current step on."""
+    for scheduler in trainer.schedulers.values():
+        inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper
+        if all(base == lr for base in inner.base_lrs):
+            continue
+        inner.base_lrs = [lr] * len(inner.base_lrs)
+        for group, fn in zip(inner.optimizer.param_groups, inner.lr_lambdas):
+            group["initial_lr"], group["lr"] = lr, lr * fn(inner.last_epoch)
+        inner._last_lr = [group["lr"] for group in inner.optimizer.param_groups]
 
 
 def _track_best(metrics: dict, state: TrainState, cfg, accelerator, recipe,
@@ -272,6 +378,9 @@ def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg
     Each head's loss is its summed per-target loss divided by the number of targets in
     all micro-batches of all processes, times the process count (DDP averages gradients
     over processes): the gradient equals that of one batch holding everything.
+
+    An update whose loss is not finite on some process is skipped on all of them (no
+    optimizer or scheduler step); the result's ``nonfinite`` says so.
     """
     objective, models = trainer.objective, trainer.models
     batches = [next(micro_batches) for _ in range(cfg.gradient_accumulation_steps)]
@@ -281,6 +390,7 @@ def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg
     local = torch.stack([counts[h] for h in heads]).float().to(accelerator.device)
     global_counts = dict(zip(heads, accelerator.reduce(local, "sum")))
     sums: dict[str, torch.Tensor] = {}
+    nonfinite = scaler_skipped = False
     for update in trainer.updates:
         if step % update.every:
             continue
@@ -300,32 +410,46 @@ def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg
         params = [p for name in update.models for p in models[name].parameters()]
         if cfg.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        trainer.optimizers[update.name].step()
+        optimizer = trainer.optimizers[update.name]
+        # a NaN / infinite loss on any process is never applied to the weights
+        local = torch.stack([sums[f"{h}_loss_sum"] for h in update.heads]).sum()
+        bad = torch.logical_not(torch.isfinite(local)).float().reshape(1)
+        if accelerator.reduce(bad, "max").item():
+            nonfinite = True
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        optimizer.step()
+        scaler_skipped = scaler_skipped or accelerator.optimizer_step_was_skipped
         trainer.schedulers[update.name].step()
-        trainer.optimizers[update.name].zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
     units = torch.stack([torch.as_tensor(objective.count_units(b)) for b in batches]).sum()
     return {**sums, **{f"{h}_count": counts[h].float() for h in heads},
-            "units": units.float().to(accelerator.device)}
+            "units": units.float().to(accelerator.device),
+            "nonfinite": nonfinite, "scaler_skipped": scaler_skipped}
 
 
 @torch.no_grad()
-def evaluate(trainer: Trainer, loader, accelerator, max_batches: int) -> dict[str, float]:
-    """Held-out metrics of every head (and the objective's summary) over
-    ``max_batches`` batches."""
+def evaluate(trainer: Trainer, loader, accelerator) -> dict[str, float]:
+    """Held-out metrics of every head (and the objective's summary) over the evaluation
+    loader (``_eval_loader``), each example counted once whatever the number of
+    processes."""
     objective, models = trainer.objective, trainer.models
     per_example = getattr(objective, "example_outputs", ())
     for module in models.values():
         module.eval()
     totals: dict[str, torch.Tensor] = {}
     examples: dict[str, list[torch.Tensor]] = {k: [] for k in per_example}
-    for i, batch in enumerate(loader):
-        if i >= max_batches:
-            break
-        out = objective.forward(models, batch, None)
+    for batch in loader:
+        if accelerator.num_processes > 1 and accelerator.gradient_state.end_of_dataloader:
+            # Accelerate completes the last batch of every process with copies of the
+            # first examples; per-example sums let gather_for_metrics drop them.
+            out = _per_example_sums(objective, models, batch, accelerator)
+        else:
+            out = objective.forward(models, batch, None)
+            out.update({f"{h}_count": c for h, c in objective.target_counts(batch).items()})
         for key in per_example:  # gathered in order; the shards' padding dropped
             examples[key].append(accelerator.gather_for_metrics(out.pop(key)).cpu())
-        counts = {f"{h}_count": c for h, c in objective.target_counts(batch).items()}
-        for key, value in {**out, **counts}.items():
+        for key, value in out.items():
             totals[key] = totals.get(key, 0) + value.detach().float().to(accelerator.device)
     for module in models.values():
         module.train()
@@ -341,6 +465,29 @@ def evaluate(trainer: Trainer, loader, accelerator, max_batches: int) -> dict[st
     if per_example:
         metrics.update(objective.score({k: torch.cat(v).numpy() for k, v in examples.items()}))
     return metrics
+
+
+def _per_example_sums(objective, models, batch: dict, accelerator) -> dict[str, torch.Tensor]:
+    """Sums and target counts of ``batch`` one example at a time, gathered over processes
+    without Accelerate's padding copies; the totals land on the main process only (the
+    caller reduces by sum)."""
+    size = len(next(iter(batch.values())))
+    rows = []
+    for i in range(size):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        out = objective.forward(models, one, None)
+        out.update({f"{h}_count": c for h, c in objective.target_counts(one).items()})
+        rows.append(out)
+    per_example = set(getattr(objective, "example_outputs", ()))
+    result = {}
+    for key in rows[0]:
+        stacked = torch.cat([r[key].detach().float().reshape(1, -1) for r in rows])
+        if key in per_example:  # the caller gathers these itself
+            result[key] = torch.cat([r[key] for r in rows])
+            continue
+        total = accelerator.gather_for_metrics(stacked).sum()
+        result[key] = total if accelerator.is_main_process else torch.zeros_like(total)
+    return result
 
 
 class UnitCounter:
@@ -360,16 +507,32 @@ class UnitCounter:
 
 
 class Interval:
-    """Accumulates step statistics between two log records."""
+    """Accumulates step statistics between two log records; ``snapshot`` / ``restored``
+    carry them through a checkpoint."""
 
-    def __init__(self, objective, accelerator):
+    def __init__(self, objective, accelerator, restored: dict | None = None):
         self.objective, self.accelerator = objective, accelerator
         self.totals: dict[str, torch.Tensor] = {}
         self.started = time.perf_counter()
+        if restored:  # sums over all processes: kept by the main process alone
+            main = accelerator.is_main_process
+            self.totals = {k: torch.tensor(v if main else 0.0, device=accelerator.device)
+                           for k, v in restored["totals"].items()}
+            self.started -= restored["seconds"]
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         for key, value in stats.items():
             self.totals[key] = self.totals.get(key, 0) + value
+
+    def snapshot(self) -> dict | None:
+        """The sums so far, reduced over processes (every process must call this)."""
+        if not self.totals:
+            return None
+        keys = sorted(self.totals)
+        values = self.accelerator.reduce(torch.stack([torch.as_tensor(self.totals[k]).float()
+                                                      for k in keys]), "sum")
+        return {"totals": dict(zip(keys, values.tolist())),
+                "seconds": time.perf_counter() - self.started}
 
     def flush(self, state: TrainState, lr: float, peak_tflops: float | None,
               phase: Phase) -> dict[str, float]:
@@ -383,7 +546,8 @@ class Interval:
         tflops = self.objective.flops_per_unit(phase) * per_s / 1e12
         record = {"split": "train", "step": state.step, **metrics, "lr": lr,
                   f"{unit}_per_s": per_s, "tflops": tflops, f"{unit}_seen": state.units_seen,
-                  "seq_len": phase.max_seq_len}
+                  "seq_len": phase.max_seq_len, "nonfinite_steps": state.nonfinite_steps,
+                  "scaler_skipped_steps": state.scaler_skipped_steps}
         if peak_tflops:
             record["mfu"] = tflops / (peak_tflops * self.accelerator.num_processes)
         self.totals, self.started = {}, time.perf_counter()
@@ -437,6 +601,8 @@ def _train_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
 
 def _eval_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
     collator.set_epoch(-1)  # fixed masks: evaluations are comparable across steps
+    # the same examples whatever the number of processes: the first eval_batches batches
+    dataset = dataset.select(range(min(len(dataset), recipe.train.eval_batches * phase.batch_size)))
     loader = torch.utils.data.DataLoader(
         IndexedDataset(dataset), batch_size=phase.batch_size, shuffle=False,
         collate_fn=collator, generator=torch.Generator().manual_seed(0))
@@ -462,11 +628,71 @@ def _micro_batches(loader, sampler: EpochSampler, collator, state: TrainState,
         state.batch_in_epoch = 0
 
 
-def _all_agree_time_is_up(deadline: float, accelerator) -> bool:
-    """True on every rank once any rank's clock passed the deadline (ranks must stop on
-    the same step, or their collectives would not match)."""
-    late = torch.tensor(float(time.monotonic() >= deadline), device=accelerator.device)
-    return bool(accelerator.reduce(late, "max").item())
+class StopSignals:
+    """SIGINT / SIGTERM ask the run to stop after the current step and save a checkpoint.
+
+    A third signal exits at once (saves are atomic, so nothing half-written is ever
+    taken for whole). Installed only in the main thread, where Python delivers signals.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.received = 0
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received += 1
+        self.signum = self.signum or signum
+        if self.received == 1:
+            log.warning("%s received: stopping after this step and saving a checkpoint "
+                        "(send it twice more to quit at once)", signal.Signals(signum).name)
+        elif self.received >= 3:
+            os._exit(128 + signum)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+
+def _agree_to_stop(deadline: float | None, stop: StopSignals, accelerator) -> tuple[bool, bool]:
+    """(out of time, signalled), the same on every process: true everywhere once any
+    process passed the deadline or got a signal (processes must stop on the same step,
+    or their collectives would not match)."""
+    flags = torch.tensor([float(deadline is not None and time.monotonic() >= deadline),
+                          float(stop.signum is not None)], device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, "max")
+        if flags[1] and stop.signum is None:  # another process was signalled
+            stop.signum = signal.SIGTERM
+    return bool(flags[0]), bool(flags[1])
+
+
+def _count_skips(stats: dict, state: TrainState, cfg, run_dir: Path) -> None:
+    """Count the steps skipped for a non-finite loss (stopping past the allowance) and
+    the fp16 scaler's skips; a skipped step's sums are kept out of the metrics."""
+    nonfinite, scaler = stats.pop("nonfinite"), stats.pop("scaler_skipped")
+    state.scaler_skipped_steps += int(scaler)
+    if not nonfinite:
+        return
+    state.nonfinite_steps += 1
+    losses = {k: float(v) for k, v in stats.items() if k.endswith("_loss_sum")}
+    if state.nonfinite_steps > cfg.max_nonfinite_steps:
+        latest = latest_checkpoint(run_dir)
+        kept = (f"the last checkpoint, {latest}, is intact" if latest else
+                "no checkpoint was saved before it")
+        shown = ", ".join(f"{k.removesuffix('_sum')}={v}" for k, v in losses.items())
+        raise NonFiniteLoss(f"non-finite loss at step {state.step} ({shown}): the step was not "
+                            f"applied and the run stopped; {kept}. Lower train.lr, or allow "
+                            "skips with train.max_nonfinite_steps")
+    log.warning("step %d: non-finite loss (%s), skipped (%d of train.max_nonfinite_steps=%d)",
+                state.step, losses, state.nonfinite_steps, cfg.max_nonfinite_steps)
+    for key in list(stats):
+        if key != "units":
+            stats[key] = torch.zeros_like(torch.as_tensor(stats[key]))
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -485,14 +711,4 @@ def _peak_tflops(configured: float | None, device: torch.device) -> float | None
             if key in name:
                 return value
     return None
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
 

@@ -27,7 +27,11 @@ def build_optimizer(modules: list[nn.Module], cfg: TrainConfig, device: torch.de
     if cfg.optimizer == "lamb":
         from timm.optim import Lamb
 
-        # Clipping is the engine's (train.max_grad_norm), not LAMB's own.
+        # Clipping is the engine's (train.max_grad_norm), not LAMB's own. timm applies the
+        # per-layer trust ratio only to groups with weight decay unless always_adapt: the
+        # weight matrices are adapted even at weight_decay=0 (biases and norms are not,
+        # as in the reference implementation).
+        groups[0]["always_adapt"] = True
         return Lamb(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_epsilon, max_grad_norm=None)
     fused = device.type in ("cuda", "cpu", "xpu", "mps")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.adam_epsilon, fused=fused)

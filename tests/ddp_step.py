@@ -1,5 +1,6 @@
 """Launched on two processes by test_contract.py: each rank takes its half of a saved
-batch, runs one DDP training step, and rank 0 saves the resulting parameters.
+batch, runs one DDP training step, and rank 0 saves the resulting parameters; then the
+seed-0 model is evaluated on held-out examples and rank 0 saves the metrics.
 
 usage: torchrun --standalone --nproc_per_node 2 ddp_step.py CACHE_DIR CORPUS WORK_DIR FAMILY...
 """
@@ -10,7 +11,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from helpers import prepare, sgd_step, tiny
+import json
+
+from helpers import EVAL_SETTINGS, eval_metrics, prepare, sgd_step, tiny
 
 cache_dir, corpus, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 accelerator = Accelerator(cpu=True)
@@ -21,6 +24,9 @@ for family in sys.argv[4:]:
     share = len(next(iter(big.values()))) // world
     mine = {k: v[rank * share:(rank + 1) * share] for k, v in big.items()}
     params = sgd_step(recipe, prepare(recipe).objective, [mine], accelerator)
+    metrics = eval_metrics(tiny(family, "unused", cache_dir, corpus, *EVAL_SETTINGS),
+                           accelerator)
     if accelerator.is_main_process:
         torch.save(params, work / f"{family}-ddp.pt")
+        (work / f"{family}-eval.json").write_text(json.dumps(metrics))
     accelerator.wait_for_everyone()

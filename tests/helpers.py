@@ -106,3 +106,26 @@ def sgd_step(recipe, objective, batches: list[dict], accelerator,
                accelerator, cfg, step=0)
     return torch.cat([p.detach().flatten() for m in models.values()
                       for p in accelerator.unwrap_model(m).parameters()])
+
+
+EVAL_SETTINGS = ("train.batch_size=4", "train.eval_batches=7")
+"""28 held-out examples in batches of 4: on two processes the second one's last batch is
+Accelerate's padding."""
+
+
+def eval_metrics(recipe, accelerator) -> dict:
+    """The engine's evaluation of the family's seed-0 models on ``recipe``'s held-out
+    examples (``train.eval_batches`` batches), plus the number of examples evaluated."""
+    import torch
+
+    from overture.engine import Trainer, _eval_loader, evaluate
+
+    data = prepare(recipe)
+    phase = recipe.resolved_phases()[0]
+    torch.manual_seed(0)
+    models = {name: accelerator.prepare_model(m)
+              for name, m in data.objective.build_models().items()}
+    loader = _eval_loader(data.eval, data.objective.collator(phase), phase, recipe,
+                          accelerator)
+    metrics = evaluate(Trainer(data.objective, models, [], {}, {}), loader, accelerator)
+    return {**metrics, "examples": len(loader.dataset)}

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import classify_inputs, prepare, records, sgd_step, tiny
+from helpers import EVAL_SETTINGS, classify_inputs, eval_metrics, prepare, records, sgd_step, tiny
 from overture.atomic import COMPLETE
 from overture.checkpoint import latest_checkpoint
 from overture.config import bundled_recipes, load_recipe
@@ -84,28 +84,57 @@ def test_one_batch_of_8_equals_two_accumulated_batches_of_4(family, cache_dir, r
     assert torch.allclose(straight, accumulated, atol=1e-6, rtol=0)
 
 
-def test_two_processes_of_4_equal_one_batch_of_8(cache_dir, real_text, tmp_path):
-    """Data parallelism: two DDP processes (gloo, CPU), each with half the batch, take
-    the step one process takes with all of it, for every family. The halves hold
-    different numbers of targets, so normalising by a process's own count would fail."""
+@pytest.fixture(scope="module")
+def two_processes(cache_dir, real_text, tmp_path_factory) -> Path:
+    """tests/ddp_step.py run once on two DDP processes (gloo, CPU) for every family: it
+    takes one training step on half of a saved batch of 8 each, and evaluates the seed-0
+    model on held-out examples. Returns the folder of its outputs."""
     from accelerate import Accelerator
 
-    expected = {}
+    work = tmp_path_factory.mktemp("ddp")
     for family in FAMILIES:
-        recipe, objective, big = _batch_of_8(family, cache_dir, real_text)
-        torch.save(big, tmp_path / f"{family}-batch.pt")
-        expected[family] = sgd_step(recipe, objective, [big], Accelerator(cpu=True))
+        _, _, big = _batch_of_8(family, cache_dir, real_text)
+        torch.save(big, work / f"{family}-batch.pt")
     tests = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--standalone", str(tests / "ddp_step.py"), str(cache_dir), str(real_text),
-         str(tmp_path), *FAMILIES], capture_output=True, text=True, env=env, timeout=600)
+         str(work), *FAMILIES], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    Accelerator(cpu=True)  # this process's Accelerate state, for the comparisons
+    return work
+
+
+def test_two_processes_of_4_equal_one_batch_of_8(cache_dir, real_text, two_processes):
+    """Data parallelism: two DDP processes (gloo, CPU), each with half the batch, take
+    the step one process takes with all of it, for every family. The halves hold
+    different numbers of targets, so normalising by a process's own count would fail."""
+    from accelerate import Accelerator
+
     for family in FAMILIES:
-        parallel = torch.load(tmp_path / f"{family}-ddp.pt", weights_only=True)
-        assert torch.allclose(expected[family], parallel, atol=1e-6, rtol=0), family
+        recipe, objective, big = _batch_of_8(family, cache_dir, real_text)
+        expected = sgd_step(recipe, objective, [big], Accelerator(cpu=True))
+        parallel = torch.load(two_processes / f"{family}-ddp.pt", weights_only=True)
+        assert torch.allclose(expected, parallel, atol=1e-6, rtol=0), family
+
+
+def test_evaluation_counts_each_example_once_whatever_the_process_count(
+        cache_dir, real_text, two_processes):
+    """Seven held-out batches of 4 on two processes: the second process's last batch is
+    Accelerate's padding (copies of the first examples). The metrics must equal one
+    process's over the same 28 examples."""
+    from accelerate import Accelerator
+
+    for family in FAMILIES:
+        recipe = tiny(family, "unused", cache_dir, real_text, *EVAL_SETTINGS)
+        one = eval_metrics(recipe, Accelerator(cpu=True))
+        two = json.loads((two_processes / f"{family}-eval.json").read_text())
+        assert two["examples"] == one["examples"] == 28, family
+        assert one.keys() == two.keys(), family
+        for key in one:
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), (family, key)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -348,7 +348,7 @@ def test_resuming_a_run_with_another_family_is_refused(trained):
     run = trained("bert")
     (run / "checkpoints").mkdir(exist_ok=True)
     recipe = load_recipe("gpt-tiny", [f"output_dir={run}"])
-    with pytest.raises(ConfigError, match="different objective name"):
+    with pytest.raises(ConfigError, match="objective.name: 'bert' -> 'gpt'"):
         find_resume_point(recipe)
 
 

@@ -8,8 +8,11 @@ whose text is split on newlines. Everything streams: one document is in memory a
 from __future__ import annotations
 
 import ast
+import codecs
+import csv
 import glob
 import hashlib
+import json
 import os
 import sys
 import sysconfig
@@ -21,8 +24,10 @@ from ..atomic import atomic_file
 from ..config import ConfigError
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".raw", ".tokens"}
-ROW_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv",
+ROW_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "csv",
                ".parquet": "parquet"}
+SNIFF_BYTES = 1024
+"""How much of a file is looked at to tell text from a binary file."""
 
 
 @dataclass
@@ -46,7 +51,7 @@ class CorpusStats:
 class Source:
     """One resolved corpus source."""
 
-    kind: str  # "text" | "json" | "csv" | "parquet" | "hub"
+    kind: str  # "text" | "jsonl" | "json" (one JSON array) | "csv" | "parquet" | "hub"
     location: str  # file path, or Hub name[:config]
 
     def fingerprint(self) -> str:
@@ -64,7 +69,8 @@ class Source:
 def resolve_sources(corpus: list[str], cache_dir: Path) -> list[Source]:
     """Expand the recipe's ``data.corpus`` entries into concrete sources.
 
-    Raises ConfigError naming the entry when a path or glob matches nothing.
+    Raises ConfigError naming the entry when a path or glob matches nothing, when a path
+    is a directory, and when a file that should hold text looks binary.
     """
     sources: list[Source] = []
     for entry in corpus:
@@ -74,15 +80,37 @@ def resolve_sources(corpus: list[str], cache_dir: Path) -> list[Source]:
             sources.append(Source("hub", entry[3:]))
         else:
             path = os.path.expanduser(entry)
+            if not glob.has_magic(path) and os.path.isdir(path):
+                raise ConfigError(f"data.corpus: {entry!r} is a directory; name its files "
+                                  f"with a glob, e.g. {os.path.join(entry, '*.txt')!r}")
             matches = sorted(glob.glob(path, recursive=True)) if glob.has_magic(path) else [path]
             matches = [m for m in matches if os.path.isfile(m)]
             if not matches:
                 what = "no file matches the glob" if glob.has_magic(path) else "file not found"
                 raise ConfigError(f"data.corpus: {what}: {entry!r}")
             for m in matches:
-                suffix = Path(m).suffix.lower()
-                sources.append(Source(ROW_FORMATS.get(suffix, "text"), m))
+                kind = ROW_FORMATS.get(Path(m).suffix.lower(), "text")
+                if kind != "parquet":
+                    with open(m, "rb") as f:
+                        head = f.read(SNIFF_BYTES)
+                    _refuse_binary(m, head)
+                    if kind == "jsonl" and head.lstrip().startswith(b"["):
+                        kind = "json"  # one JSON array of rows, not JSON Lines
+                sources.append(Source(kind, m))
     return sources
+
+
+def _refuse_binary(path: str, head: bytes) -> None:
+    """A program, archive or image given as a corpus would otherwise be "read" as text
+    (every invalid byte replaced): refuse a file whose start has NUL bytes or is largely
+    not UTF-8 (Latin-1 text has a few invalid bytes, which are repaired and counted)."""
+    text = head.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - _count_literal_fffd(head)
+    reason = "NUL bytes" if b"\0" in head else f"{bad} invalid UTF-8 sequences"
+    if b"\0" in head or bad > max(1, 0.3 * len(text)):
+        raise ConfigError(f"data.corpus: {path} looks like a binary file, not text ({reason} "
+                          f"in its first {len(head)} bytes); corpus files are UTF-8 text "
+                          "(convert UTF-16 first), JSONL, CSV/TSV or Parquet")
 
 
 def iter_documents(source: Source, text_column: str, hf_split: str,
@@ -91,7 +119,12 @@ def iter_documents(source: Source, text_column: str, hf_split: str,
     if source.kind == "text":
         yield from _iter_text_file(source.location, stats)
         return
-    for text in _iter_rows(source, text_column, hf_split):
+    readers = {"jsonl": _iter_jsonl, "csv": _iter_csv}
+    if source.kind in readers:
+        rows = readers[source.kind](source.location, text_column, stats)
+    else:
+        rows = _iter_rows(source, text_column, hf_split)
+    for text in rows:
         raw = text if isinstance(text, str) else ("" if text is None else str(text))
         stats.bytes += len(raw.encode("utf-8", "surrogatepass"))
         lines = [ln.strip() for ln in raw.splitlines()]
@@ -105,25 +138,31 @@ def iter_documents(source: Source, text_column: str, hf_split: str,
             stats.empty_documents_skipped += 1
 
 
+def _decode(raw: bytes, stats: CorpusStats) -> str:
+    """UTF-8 with invalid sequences replaced by U+FFFD and counted (a U+FFFD already in
+    the file is not counted)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        stats.invalid_utf8_replaced += text.count("\ufffd") - _count_literal_fffd(raw)
+        return text
+
+
 def _iter_text_file(path: str, stats: CorpusStats) -> Iterator[list[str]]:
     doc: list[str] = []
-    blank_run = 0
-    with open(path, "rb") as f:
+    after_text = False  # a blank line right after text ends a document; others are skipped
+    with _open_utf8(path) as f:
         for raw in f:
             stats.bytes += len(raw)
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                line = raw.decode("utf-8", errors="replace")
-                stats.invalid_utf8_replaced += line.count("\ufffd") - _count_literal_fffd(raw)
-            line = line.strip()
+            line = _decode(raw, stats).strip()
             if line:
-                if blank_run > 1:  # extra blank lines between documents
-                    stats.empty_lines_skipped += blank_run - 1
-                blank_run = 0
+                after_text = True
                 doc.append(line)
                 continue
-            blank_run += 1
+            if not after_text:  # leading, repeated or trailing blank (whitespace-only) lines
+                stats.empty_lines_skipped += 1
+            after_text = False
             if doc:
                 stats.documents += 1
                 stats.lines += len(doc)
@@ -135,11 +174,67 @@ def _iter_text_file(path: str, stats: CorpusStats) -> Iterator[list[str]]:
             yield doc
 
 
+def _open_utf8(path: str):
+    """The file in binary, past a UTF-8 byte-order mark (editors on Windows write one; it
+    would otherwise start the first line, the JSON object or the CSV header)."""
+    f = open(path, "rb")
+    if f.read(3) != codecs.BOM_UTF8:
+        f.seek(0)
+    return f
+
+
 def _count_literal_fffd(raw: bytes) -> int:
     return raw.count("\ufffd".encode("utf-8"))
 
 
+def _missing_column(where: str, text_column: str, columns) -> ConfigError:
+    return ConfigError(f"{where}: no column {text_column!r} (columns: "
+                       f"{', '.join(map(str, columns))}); set data.text_column")
+
+
+def _iter_jsonl(path: str, text_column: str, stats: CorpusStats) -> Iterator[object]:
+    """JSON Lines read line by line with the standard library, which (unlike the Arrow
+    reader) can say which line is malformed, and whose input we decode ourselves."""
+    first = True
+    with _open_utf8(path) as f:
+        for number, raw in enumerate(f, 1):
+            line = _decode(raw, stats)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}, line {number}, column {err.colno}: not valid "
+                                  f"JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}, line {number}: expected a JSON object with a "
+                                  f"{text_column!r} field, got {type(row).__name__}")
+            if first and text_column not in row:
+                raise _missing_column(path, text_column, row)
+            first = False
+            yield row.get(text_column)
+
+
+def _iter_csv(path: str, text_column: str, stats: CorpusStats) -> Iterator[object]:
+    """CSV / TSV with the standard library's reader over our decoded lines (quoted fields
+    may span lines), so invalid UTF-8 is replaced and counted like in text files."""
+    csv.field_size_limit(2**31 - 1)  # a whole document may sit in one cell (default: 128 KB)
+    with _open_utf8(path) as f:
+        reader = csv.DictReader((_decode(raw, stats) for raw in f),
+                                delimiter="\t" if path.lower().endswith(".tsv") else ",")
+        try:
+            if reader.fieldnames is None:  # an empty file
+                return
+            if text_column not in reader.fieldnames:
+                raise _missing_column(path, text_column, reader.fieldnames)
+            for row in reader:
+                yield row[text_column]
+        except csv.Error as err:
+            raise ConfigError(f"{path}, line {reader.line_num}: not valid CSV ({err})") from None
+
+
 def _iter_rows(source: Source, text_column: str, hf_split: str) -> Iterator[object]:
+    """Rows of a Parquet file, a JSON array file or a Hub dataset, through `datasets`."""
     import datasets
 
     if source.kind == "hub":
@@ -147,15 +242,22 @@ def _iter_rows(source: Source, text_column: str, hf_split: str) -> Iterator[obje
         ds = datasets.load_dataset(name, config or None, split=hf_split, streaming=True)
         where = f"Hub dataset {source.location!r}"
     else:
-        kwargs = {"delimiter": "\t"} if source.location.endswith(".tsv") else {}
         ds = datasets.load_dataset(source.kind, data_files=[source.location], split="train",
-                                   streaming=True, **kwargs)
+                                   streaming=True)
         where = source.location
+    rows = iter(ds)
     first = True
-    for row in ds:
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except ValueError as err:  # Arrow / JSON / decoding errors are ValueErrors
+            if source.kind == "hub":
+                raise
+            raise ConfigError(f"{where}: cannot be read as {source.kind}: {err}") from err
         if first and text_column not in row:
-            raise ConfigError(f"{where}: no column {text_column!r} (columns: "
-                              f"{', '.join(row)}); set data.text_column")
+            raise _missing_column(where, text_column, row)
         first = False
         yield row[text_column]
 

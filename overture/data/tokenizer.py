@@ -84,7 +84,7 @@ def _train(cfg: TokenizerConfig, kind: str, lowercase: bool, spec: TokenizerSpec
     budget = int(cfg.train_max_mb * 2**20)
     stats = CorpusStats()
 
-    def lines() -> Iterator[str]:
+    def lines(stats: CorpusStats) -> Iterator[str]:
         for source in sources:
             for doc in iter_documents(source, data.text_column, data.hf_split, stats):
                 yield from doc
@@ -96,11 +96,27 @@ def _train(cfg: TokenizerConfig, kind: str, lowercase: bool, spec: TokenizerSpec
     trainer = _trainer(kind, lowercase, specials)
     extra = {"unk_token": spec.special_tokens["unk_token"]} if kind == "unigram" else {
         "min_frequency": cfg.min_frequency}
-    trainer.train_from_iterator(lines(), vocab_size=cfg.vocab_size, special_tokens=specials,
-                                show_progress=False, **extra)
+    try:
+        trainer.train_from_iterator(lines(stats), vocab_size=cfg.vocab_size,
+                                    special_tokens=specials, show_progress=False, **extra)
+        too_small = False
+    except Exception as err:  # tokenizers raises a bare Exception
+        if "not large enough" not in str(err):  # Unigram: fewer entries than characters
+            raise
+        too_small = True
     if stats.documents == 0:
         raise ConfigError(f"data.corpus {data.corpus}: the corpus holds no text "
                           f"(empty lines skipped: {stats.empty_lines_skipped})")
+    if too_small or trainer.get_vocab_size() > cfg.vocab_size:
+        # The trainers silently grow a too-small vocabulary to hold every special token
+        # and every character of the corpus (WordPiece also its "##" forms, byte-level
+        # BPE all 256 bytes); Unigram refuses, and needs one more entry than that.
+        minimum = trainer.get_vocab_size() if kind != "unigram" else (
+            len(_alphabet(trainer, lines(CorpusStats()))) + len(specials) + 1)
+        raise ConfigError(f"tokenizer.vocab_size={cfg.vocab_size} is too small for this "
+                          f"corpus: a {kind} vocabulary of its characters and special tokens "
+                          f"needs at least {minimum}; set tokenizer.vocab_size={minimum} or "
+                          "more (thousands, for useful subwords)")
     backend = Tokenizer.from_str(trainer.to_str())
     if spec.single:
         ids = [(t, backend.token_to_id(t)) for t in specials]
@@ -118,6 +134,16 @@ def _train(cfg: TokenizerConfig, kind: str, lowercase: bool, spec: TokenizerSpec
     publish_dir(tmp, folder, replace=False)  # a concurrent trainer's result is as good
     log.info("trained %s vocabulary of %d on %.1f MB -> %s", kind, len(tok),
              stats.bytes / 2**20, folder)
+
+
+def _alphabet(trainer, lines: Iterator[str]) -> set[str]:
+    """The characters the trainer sees: the text after its normalizer and pre-tokenizer."""
+    chars: set[str] = set()
+    for line in lines:
+        for word, _ in trainer.pre_tokenizer.pre_tokenize_str(
+                trainer.normalizer.normalize_str(line)):
+            chars.update(word)
+    return chars
 
 
 def _trainer(kind: str, lowercase: bool, specials: list[str]):

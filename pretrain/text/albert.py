@@ -24,6 +24,9 @@ class AlbertModelConfig(EncoderConfig):
     """Layers inside a group."""
     hidden_dropout_prob: float = 0.0
     attention_probs_dropout_prob: float = 0.0
+    classifier_dropout_prob: float = 0.0
+    """Dropout before the SOP head: none, as everywhere in ALBERT (Lan et al. 2020 4.7;
+    transformers' default is 0.1)."""
 
     def validate(self) -> None:
         super().validate()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import random
 import re
 from collections import Counter
@@ -95,7 +96,10 @@ class TextBuilder:
     def setup(self) -> None:
         from tokenizers import Tokenizer
 
-        self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        self._tokenizer = Tokenizer.from_str(_text_only(self.tokenizer_json))
+        # "[SEP]", "<s>", "<|endoftext|>" ... written in the corpus are text: encoded as
+        # their characters, never as the special ids that frame an example.
+        self._tokenizer.encode_special_tokens = True
         self._phrase_re = None
         if self.phrases:
             alternatives = "|".join(re.escape(p) for p in sorted(self.phrases, key=len,
@@ -269,6 +273,24 @@ class CausalBlocks(TextBuilder):
     def examples(self, documents, rng, counts):
         return pack_blocks(documents, self.max_seq_len, self.encode(self.end_of_text_id),
                            counts), None
+
+
+def _text_only(tokenizer_json: str) -> str:
+    """The tokenizer with its special tokens out of reach of a Unigram model's Viterbi.
+
+    A Unigram vocabulary (ours or a converted SentencePiece one) holds the special tokens
+    as pieces with score 0, the most likely there is, so even with ``encode_special_tokens``
+    the model would cut "<pad>" out of the text as the special piece. Scored far below
+    any path of ordinary pieces (log-probabilities), they are never chosen for text.
+    """
+    spec = json.loads(tokenizer_json)
+    if spec["model"]["type"] != "Unigram":
+        return tokenizer_json
+    specials = {t["content"] for t in spec["added_tokens"] if t["special"]}
+    for piece in spec["model"]["vocab"]:
+        if piece[0] in specials:
+            piece[1] = -1e6
+    return json.dumps(spec)
 
 
 def _list_array(lengths, values) -> pa.ListArray:

@@ -9,8 +9,9 @@ One function serves static masking (applied once at preprocessing) and dynamic m
 - n-gram spans (ALBERT): spans of n units, n <= max_ngram drawn with p(n) ∝ 1/n.
 
 In every scheme the number of selected tokens per sequence is ``mlm_probability`` of its
-candidates (the fraction rounded stochastically, so the expected rate is exact), capped
-at ``max_predictions_per_seq``, and the 80/10/10 split is drawn per selected token.
+candidates (the fraction rounded stochastically, so the expected rate is exact), at
+least one when the row has a candidate (as Google's BERT), capped at
+``max_predictions_per_seq``, and the 80/10/10 split is drawn per selected token.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, spec: Maski
     expected = candidates.to(torch.float64) * spec.mlm_probability
     count = expected.floor() + (torch.rand(batch, generator=generator, dtype=torch.float64)
                                 < expected - expected.floor())
+    # At least one target in a row that has a candidate, as Google's BERT does
+    # (max(1, round(n * p))): otherwise ~1.5% of short rows would teach nothing.
+    count = torch.maximum(count, (candidates > 0).to(count.dtype))
     count = count.clamp(max=spec.max_predictions_per_seq).to(torch.long)  # [B]
     if unit_start is None and spec.max_ngram == 1:
         selected = _select_tokens(special_mask, count, generator)
@@ -145,7 +149,10 @@ def _select_spans(special_mask: torch.Tensor, unit_start: torch.Tensor | None,
             s = int(valid[rng.integers(len(valid))])
             cost = int(unit_tokens[s:s + n].sum())
             if taken + cost > budget:
-                keep = rng.random() < (budget - taken) / cost
+                # the first span is always kept: every row with a candidate gets a target
+                keep = taken == 0 or rng.random() < (budget - taken) / cost
+                if taken == 0 and cost > spec.max_predictions_per_seq and n > 1:
+                    continue  # too long for the cap: draw again (a shorter span may fit)
                 if not keep or taken + cost > spec.max_predictions_per_seq:
                     break
             free[s + 1:s + n + 1] = False

@@ -108,8 +108,9 @@ class MaskedLMCollator:
     """Pads rows of cached examples into a batch; draws masks when masking is dynamic.
 
     Receives what ``IndexedDataset.__getitems__`` returns: the rows' columns and their
-    dataset indices. Dynamic masks are seeded by (seed, epoch, indices), so they are
-    re-drawn every epoch, identical across worker counts, and reproduced on resume.
+    dataset indices. Dynamic masks are seeded per row by (seed, epoch, index), so they are
+    re-drawn every epoch, identical across worker counts, batch sizes and process
+    counts, and reproduced on resume.
     """
 
     def __init__(self, pad_id: int, special_ids: tuple[int, ...], spec: MaskingSpec | None,
@@ -150,17 +151,29 @@ class MaskedLMCollator:
         else:
             special = torch.isin(ids, self.special_ids) | (attention_mask == 0)
             units = self._pad(columns["unit_start"], 1) if "unit_start" in columns else None
-            generator = torch.Generator().manual_seed(self._batch_seed(indices))
-            ids, labels = mask_tokens(ids, special, self.spec, generator, units)
+            ids, labels = self._mask_rows(ids, special, units, indices, lengths)
         batch["input_ids"], batch["labels"] = ids, labels
         if "sentence_label" in columns:
             batch["sentence_label"] = torch.as_tensor(columns["sentence_label"],
                                                       dtype=torch.long)
         return batch
 
-    def _batch_seed(self, indices) -> int:
-        digest = hashlib.sha256(f"{self.seed}:{self.epoch}:{list(indices)}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    def _mask_rows(self, ids, special, units, indices, lengths):
+        """Each row masked over its own length with a generator of its own, seeded by
+        (seed, epoch, index): a row's masks do not depend on the batch it falls in, so
+        two processes of B mask as one of 2B, and a resume on another batch layout
+        continues with the same masks."""
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        ids = ids.clone()
+        for row, (index, length) in enumerate(zip(indices, lengths.tolist())):
+            digest = hashlib.sha256(f"{self.seed}:{self.epoch}:{index}".encode()).digest()
+            generator = torch.Generator().manual_seed(
+                int.from_bytes(digest[:8], "little") & (2**63 - 1))
+            part = slice(row, row + 1), slice(0, length)
+            ids[part], labels[part] = mask_tokens(
+                ids[part], special[part], self.spec, generator,
+                None if units is None else units[part])
+        return ids, labels
 
 
 class MaskedLMModule(nn.Module):
@@ -174,6 +187,8 @@ class MaskedLMModule(nn.Module):
                  sentence_head: str | None = None, sentence_task: str | None = None):
         super().__init__()
         self.model = model
+        # FSDP's auto-wrap looks for the transformer layer classes here
+        self._no_split_modules = getattr(model, "_no_split_modules", None)
         self.paths = (encoder, mlm_head, sentence_head)
         self.sentence_task = sentence_task
 

@@ -1,0 +1,42 @@
+"""Ways a run ends early on purpose, each with its exit code (overture/cli.py prints the
+message as one line; no traceback). Bad input is ``overture.config.ConfigError`` (exit 2).
+"""
+
+from __future__ import annotations
+
+import signal
+
+EXIT_NONFINITE = 3
+
+
+class RunError(Exception):
+    """A run stopped for a reason the user must see; ``exit_code`` is the process's."""
+
+    exit_code = 1
+
+
+class Interrupted(RunError):
+    """SIGINT / SIGTERM: the run saved a checkpoint at the step it finished; running the
+    same command again continues from there. Exit code 128 + the signal number (130 for
+    Ctrl-C, 143 for SIGTERM), as shells report a signalled process."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class NonFiniteLoss(RunError):
+    """The loss was NaN or infinite more often than ``train.max_nonfinite_steps`` allows;
+    the step that caused it was not applied and no checkpoint was written after it."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class SaveFailed(RunError):
+    """A checkpoint or export could not be written (disk full, permissions); what was
+    saved before is intact."""
