@@ -381,3 +381,19 @@ def test_a_resume_from_an_earlier_checkpoint_drops_the_abandoned_later_ones(
     train(tiny("bert", run, cache_dir, real_text, *BASE, "train.max_steps=5",
                "train.keep_last=1", f"train.resume={start}"), progress=False)
     assert [p.name for p in complete_checkpoints(run)] == ["step-000005"]
+
+
+def test_a_third_signal_quits_at_once(monkeypatch):
+    """The first signal asks for a save at the end of the step; a second (the launcher
+    forwarding Ctrl-C as SIGTERM) changes nothing; the third exits without waiting."""
+    exits = []
+    monkeypatch.setattr(engine.os, "_exit", exits.append)
+    stop = engine.StopSignals()
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            os.kill(os.getpid(), signum)
+            assert stop.signum == signal.SIGINT and exits == []
+        os.kill(os.getpid(), signal.SIGINT)
+        assert exits == [128 + signal.SIGINT]
+    finally:
+        stop.restore()
