@@ -1,5 +1,5 @@
 """`overture <command>`: pretrain, prepare, recipes, finetune, glue, generate, features,
-report.
+convert-long, report.
 
 RECIPE is a YAML path or a bundled recipe name; KEY=VALUE overrides use dotted paths
 (``train.max_steps=50 output_dir=runs/x``). Exit codes: 0 success (also when the run
@@ -131,6 +131,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=_features)
 
+    p = sub.add_parser("convert-long",
+                       help="make a BERT / RoBERTa masked LM a Longformer (tiled positions)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a final/ folder (or a run folder holding one), a transformers "
+                        "folder with a masked-LM head or a Hub model name")
+    p.add_argument("--output", required=True, help="a new folder for the Longformer")
+    p.add_argument("--max-length", type=int, default=4096, help="tokens per input")
+    p.add_argument("--window", type=int, default=512,
+                   help="sliding-window size (even; tokens attended, both sides together)")
+    p.set_defaults(func=_convert_long)
+
     p = sub.add_parser("report", help="draw loss, learning rate and throughput to PNG")
     p.add_argument("run_dir")
     p.add_argument("--output", help="PNG path (default RUN_DIR/report.png)")
@@ -214,7 +225,7 @@ def _prepare(args) -> int:
 def _recipes(args) -> int:
     from .registry import build_objective
 
-    print(f"{'recipe':<14} {'family':<8} {'params':>8}  description")
+    print(f"{'recipe':<16} {'family':<10} {'params':>8}  description")
     for name, path in bundled_recipes().items():
         recipe = load_recipe(path)
         if getattr(recipe.objective, "checkpoint", None) is not None:
@@ -222,7 +233,7 @@ def _recipes(args) -> int:
         else:
             params = count_parameters(build_objective(recipe), recipe.tokenizer.vocab_size)
             size = f"{params / 1e6:.1f}M"
-        print(f"{name:<14} {recipe.objective.name:<8} {size:>8}  {recipe.description}")
+        print(f"{name:<16} {recipe.objective.name:<10} {size:>8}  {recipe.description}")
     return 0
 
 
@@ -276,6 +287,13 @@ def _features(args) -> int:
                                 normalize=args.normalize, batch_size=args.batch_size,
                                 progress=True)
     write_features(output, ids, embeddings, overwrite=args.overwrite)
+    return 0
+
+
+def _convert_long(args) -> int:
+    from .pretrain.text.convert_long import convert_to_long
+
+    print(convert_to_long(args.checkpoint, args.output, args.max_length, args.window))
     return 0
 
 

@@ -16,6 +16,7 @@ FAMILIES = {
     "roberta": "overture.pretrain.text.roberta:Roberta",
     "albert": "overture.pretrain.text.albert:Albert",
     "gpt": "overture.pretrain.text.gpt:Gpt",
+    "longformer": "overture.pretrain.text.longformer:Longformer",
     "classify": "overture.finetune.classify:Classify",
 }
 
