@@ -51,13 +51,60 @@ def ngram_probabilities(max_ngram: int) -> np.ndarray:
     return weights / weights.sum()
 
 
+class _Draws:
+    """The random numbers of ``mask_tokens``: from one generator for the whole batch, or
+    from one generator per row, each drawing over its own row's length (``lengths``), so
+    that a row's masks do not depend on the batch it falls in."""
+
+    def __init__(self, generator, batch: int, length: int, lengths=None):
+        self.per_row = isinstance(generator, (list, tuple))
+        self.generator, self.batch, self.length = generator, batch, length
+        self.lengths = [length] * batch if lengths is None else [int(n) for n in lengths]
+
+    def _tokens(self, draw, fill, dtype) -> torch.Tensor:
+        """[B, L]: ``draw(n, generator)`` per row over its length, ``fill`` beyond it."""
+        out = torch.full((self.batch, self.length), fill, dtype=dtype)
+        for row, (g, n) in enumerate(zip(self.generator, self.lengths)):
+            out[row, :n] = draw(n, g)
+        return out
+
+    def rows(self) -> torch.Tensor:  # [B] float64
+        if not self.per_row:
+            return torch.rand(self.batch, generator=self.generator, dtype=torch.float64)
+        return torch.cat([torch.rand(1, generator=g, dtype=torch.float64)
+                          for g in self.generator])
+
+    def uniform(self) -> torch.Tensor:  # [B, L] float32
+        if not self.per_row:
+            return torch.rand(self.batch, self.length, generator=self.generator)
+        return self._tokens(lambda n, g: torch.rand(n, generator=g), 1.0, torch.float32)
+
+    def integers(self, high: int) -> torch.Tensor:  # [B, L] in [0, high)
+        if not self.per_row:
+            return torch.randint(high, (self.batch, self.length), generator=self.generator)
+        return self._tokens(lambda n, g: torch.randint(high, (n,), generator=g), 0,
+                            torch.long)
+
+    def numpy_rngs(self) -> list:
+        """One numpy Generator per row (the same object for every row of a batch)."""
+        def rng(g):
+            return np.random.default_rng(int(torch.randint(2**62, (1,), generator=g)))
+        if not self.per_row:
+            return [rng(self.generator)] * self.batch
+        return [rng(g) for g in self.generator]
+
+
 def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, spec: MaskingSpec,
-                generator: torch.Generator,
-                unit_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | list[torch.Generator],
+                unit_start: torch.Tensor | None = None,
+                lengths: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Corrupt a batch for masked-LM training.
 
     input_ids:    [B, L] token ids (padding included).
     special_mask: [B, L] True where a token may never be selected (specials, padding).
+    generator:    one torch.Generator for the batch, or one per row with ``lengths`` (the
+                  rows' unpadded lengths): then each row draws from its own generator
+                  over its own length only, so its masks do not depend on the padding.
     unit_start:   [B, L] optional; 1 where a token starts a unit (word or phrase), 0 where
                   it continues the previous token's unit. None: every token is a unit.
 
@@ -65,38 +112,38 @@ def mask_tokens(input_ids: torch.Tensor, special_mask: torch.Tensor, spec: Maski
     selected and -100 elsewhere.
     """
     batch, length = input_ids.shape
+    draws = _Draws(generator, batch, length, lengths)
     candidates = (~special_mask).sum(dim=1)  # [B]
     expected = candidates.to(torch.float64) * spec.mlm_probability
-    count = expected.floor() + (torch.rand(batch, generator=generator, dtype=torch.float64)
-                                < expected - expected.floor())
+    count = expected.floor() + (draws.rows() < expected - expected.floor())
     # At least one target in a row that has a candidate, as Google's BERT does
     # (max(1, round(n * p))): otherwise ~1.5% of short rows would teach nothing.
     count = torch.maximum(count, (candidates > 0).to(count.dtype))
     count = count.clamp(max=spec.max_predictions_per_seq).to(torch.long)  # [B]
     if unit_start is None and spec.max_ngram == 1:
-        selected = _select_tokens(special_mask, count, generator)
+        selected = _select_tokens(special_mask, count, draws.uniform())
     else:
-        selected = _select_spans(special_mask, unit_start, count, spec, generator)
+        selected = _select_spans(special_mask, unit_start, count, spec, draws.numpy_rngs())
 
     labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    decision = torch.rand(batch, length, generator=generator)
+    decision = draws.uniform()
     to_mask = selected & (decision < spec.mask_replace_prob)
     to_random = selected & ~to_mask & (
         decision < spec.mask_replace_prob + spec.random_replace_prob)
-    pick = torch.randint(len(spec.random_token_ids), (batch, length), generator=generator)
+    pick = draws.integers(len(spec.random_token_ids))
     corrupted = torch.where(to_mask, spec.mask_token_id, input_ids)
     corrupted = torch.where(to_random, spec.random_token_ids[pick], corrupted)
     return corrupted, labels
 
 
 def _select_tokens(special_mask: torch.Tensor, count: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
-    """``count[b]`` distinct candidate tokens per row, uniformly (vectorized)."""
+                   scores: torch.Tensor) -> torch.Tensor:
+    """``count[b]`` distinct candidate tokens per row, uniformly (vectorized), from
+    uniform ``scores`` [B, L]."""
     batch, length = special_mask.shape
     # A random permutation of each row's candidates: rank tokens by a random score, with
     # special tokens scored above every candidate so they rank last.
-    scores = torch.rand(batch, length, generator=generator)
-    scores.masked_fill_(special_mask, 2.0)
+    scores = scores.masked_fill(special_mask, 2.0)
     order = scores.argsort(dim=1)
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(length).expand(batch, length))
@@ -104,8 +151,7 @@ def _select_tokens(special_mask: torch.Tensor, count: torch.Tensor,
 
 
 def _select_spans(special_mask: torch.Tensor, unit_start: torch.Tensor | None,
-                  count: torch.Tensor, spec: MaskingSpec,
-                  generator: torch.Generator) -> torch.Tensor:
+                  count: torch.Tensor, spec: MaskingSpec, rngs: list) -> torch.Tensor:
     """Whole units, in spans of n units with p(n) ∝ 1/n, until ``count[b]`` tokens.
 
     n is drawn first and a span of that length is then placed uniformly among the free
@@ -114,12 +160,12 @@ def _select_spans(special_mask: torch.Tensor, unit_start: torch.Tensor | None,
     it would pass the row's budget, is kept with probability (budget left) / (its tokens),
     which keeps the expected number of selected tokens equal to the budget.
     """
-    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
     cdf = np.cumsum(ngram_probabilities(spec.max_ngram))
     special = special_mask.numpy()
     flags = np.ones_like(special) if unit_start is None else unit_start.numpy().astype(bool)
     selected = np.zeros_like(special)
     for b in range(special.shape[0]):
+        rng = rngs[b]
         budget = int(count[b])
         positions = np.flatnonzero(~special[b])
         if budget == 0 or len(positions) == 0:

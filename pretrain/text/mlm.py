@@ -159,21 +159,16 @@ class MaskedLMCollator:
         return batch
 
     def _mask_rows(self, ids, special, units, indices, lengths):
-        """Each row masked over its own length with a generator of its own, seeded by
-        (seed, epoch, index): a row's masks do not depend on the batch it falls in, so
-        two processes of B mask as one of 2B, and a resume on another batch layout
+        """Masks from one generator per row, seeded by (seed, epoch, index), each drawing
+        over its row's own length: a row's masks do not depend on the batch it falls in,
+        so two processes of B mask as one of 2B, and a resume on another batch layout
         continues with the same masks."""
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        ids = ids.clone()
-        for row, (index, length) in enumerate(zip(indices, lengths.tolist())):
+        generators = []
+        for index in indices:
             digest = hashlib.sha256(f"{self.seed}:{self.epoch}:{index}".encode()).digest()
-            generator = torch.Generator().manual_seed(
-                int.from_bytes(digest[:8], "little") & (2**63 - 1))
-            part = slice(row, row + 1), slice(0, length)
-            ids[part], labels[part] = mask_tokens(
-                ids[part], special[part], self.spec, generator,
-                None if units is None else units[part])
-        return ids, labels
+            generators.append(torch.Generator().manual_seed(
+                int.from_bytes(digest[:8], "little") & (2**63 - 1)))
+        return mask_tokens(ids, special, self.spec, generators, units, lengths.tolist())
 
 
 class MaskedLMModule(nn.Module):
