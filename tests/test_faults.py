@@ -202,8 +202,9 @@ def test_nan_steps_within_the_allowance_are_skipped_and_counted(
     assert state["nonfinite_steps"] == 1 and state["step"] == STEPS
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_full_disk_at_save_is_one_error_and_the_previous_checkpoint_stays(
-        tmp_path, monkeypatch, cache_dir, real_text):
+        family, tmp_path, monkeypatch, cache_dir, real_text):
     import accelerate
 
     run = tmp_path / "run"
@@ -217,7 +218,7 @@ def test_a_full_disk_at_save_is_one_error_and_the_previous_checkpoint_stays(
 
     monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)
     with pytest.raises(SaveFailed) as failed:
-        train(tiny("bert", run, cache_dir, real_text, *BASE), progress=False)
+        train(tiny(family, run, cache_dir, real_text, *BASE), progress=False)
     message = str(failed.value)
     assert "No space left on device" in message and "step-000002" in message
     assert [p.name for p in complete_checkpoints(run)] == ["step-000001", "step-000002"]
@@ -236,10 +237,11 @@ def test_a_second_run_on_a_folder_in_use_is_refused(tmp_path, cache_dir, real_te
     assert not (run / "metrics.jsonl").exists()  # the second run wrote nothing
 
 
-def test_a_finished_run_launched_again_leaves_final_untouched(tmp_path, cache_dir,
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_finished_run_launched_again_leaves_final_untouched(family, tmp_path, cache_dir,
                                                               real_text):
     run = tmp_path / "run"
-    recipe = tiny("bert", run, cache_dir, real_text, *BASE)
+    recipe = tiny(family, run, cache_dir, real_text, *BASE)
     train(recipe, progress=False)
     weights = run / "final" / "model.safetensors"
     before = (weights.stat().st_mtime_ns, weights.read_bytes())
@@ -248,9 +250,12 @@ def test_a_finished_run_launched_again_leaves_final_untouched(tmp_path, cache_di
     assert (weights.stat().st_mtime_ns, weights.read_bytes()) == before
     assert (run / "metrics.jsonl").read_text() == lines
     # asking for more steps is asking to continue: it trains on and exports again
-    train(tiny("bert", run, cache_dir, real_text, *BASE, "train.max_steps=14"),
+    train(tiny(family, run, cache_dir, real_text, *BASE, "train.max_steps=14"),
           progress=False)
-    assert max(records(run)) == 14 and weights.read_bytes() != before[1]
+    assert max(records(run)) == 14
+    assert json.loads((latest_checkpoint(run) / "train_state.json").read_text())["step"] == 14
+    if not recipe.train.best_metric:  # with one, final/ stays the best evaluation's model
+        assert weights.read_bytes() != before[1]
 
 
 def test_unwritable_output_dirs_fail_in_one_line_with_exit_2(tmp_path, capsys, real_text,
