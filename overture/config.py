@@ -441,8 +441,9 @@ def _coerce(tp: Any, value: Any, where: str, dotted: str) -> Any:
 
 def positive(obj: Any, section: str, *names: str) -> None:
     for name in names:
-        if getattr(obj, name) <= 0:
-            raise ConfigError(f"{section}.{name}={getattr(obj, name)} must be positive")
+        value = getattr(obj, name)
+        if not value > 0 or value == float("inf"):  # NaN fails the first test
+            raise ConfigError(f"{section}.{name}={value} must be a positive finite number")
 
 
 def fraction(obj: Any, section: str, *names: str) -> None:

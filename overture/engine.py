@@ -210,6 +210,10 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
     state = TrainState()
     if resume_from is not None:
         state = TrainState(**load_checkpoint(accelerator, resume_from))
+        if state.step > total_steps:
+            raise ConfigError(f"{resume_from} is at step {state.step}, past this recipe's "
+                              f"{total_steps} steps: raise train.max_steps (or the phases' "
+                              "steps), or give a new output_dir to start another run")
         _resume_layout(state, recipe, phases, accelerator)
         _apply_lr(trainer, cfg.lr)  # a changed train.lr is allowed and takes effect
         log.info("resumed from %s at step %d", resume_from, state.step)
@@ -407,17 +411,18 @@ def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg
                 accelerator.backward(loss * accelerator.num_processes)
             for key, value in out.items():
                 sums[key] = sums.get(key, 0) + value.detach().float()
-        params = [p for name in update.models for p in models[name].parameters()]
-        if cfg.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer = trainer.optimizers[update.name]
-        # a NaN / infinite loss on any process is never applied to the weights
+        # a NaN / infinite loss on any process is never applied to the weights; checked
+        # before clipping, which would unscale fp16 gradients for a step never taken
         local = torch.stack([sums[f"{h}_loss_sum"] for h in update.heads]).sum()
         bad = torch.logical_not(torch.isfinite(local)).float().reshape(1)
         if accelerator.reduce(bad, "max").item():
             nonfinite = True
             optimizer.zero_grad(set_to_none=True)
             continue
+        params = [p for name in update.models for p in models[name].parameters()]
+        if cfg.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scaler_skipped = scaler_skipped or accelerator.optimizer_step_was_skipped
         trainer.schedulers[update.name].step()

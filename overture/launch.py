@@ -98,6 +98,10 @@ def check_accelerate_config(path: str | os.PathLike, recipe) -> list[str]:
     elif kind == "XLA":
         notes.append("distributed_type XLA (TPU): not tested with overture")
 
+    for key in ("num_processes", "num_machines", "machine_rank"):
+        value = getattr(cfg, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"Accelerate config {name}: {key}={value!r} must be an integer")
     processes = getattr(cfg, "num_processes", 1)
     machines = getattr(cfg, "num_machines", 1) or 1
     rank = getattr(cfg, "machine_rank", 0) or 0

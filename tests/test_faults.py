@@ -190,8 +190,16 @@ def test_a_nan_loss_stops_the_run_at_once_and_keeps_the_last_checkpoint(
 @pytest.mark.parametrize("family", FAMILIES)
 def test_nan_steps_within_the_allowance_are_skipped_and_counted(
         family, tmp_path, monkeypatch, cache_dir, real_text, straight):
+    import accelerate
+
     run = tmp_path / "run"
     _nan_at(monkeypatch, family, {3})
+    # a skipped step must not reach clipping: under fp16 it would unscale the gradients
+    # of a step never taken, and the scaler refuses the next unscale
+    clipped = []
+    clip = accelerate.Accelerator.clip_grad_norm_
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_",
+                        lambda self, *a, **k: clipped.append(1) or clip(self, *a, **k))
     train(tiny(family, run, cache_dir, real_text, *BASE, "train.max_nonfinite_steps=1"),
           progress=False)
     logged = records(run)
@@ -200,6 +208,7 @@ def test_nan_steps_within_the_allowance_are_skipped_and_counted(
     # the skipped step changed nothing: up to it, the run is the uninterrupted one
     state = json.loads((latest_checkpoint(run) / "train_state.json").read_text())
     assert state["nonfinite_steps"] == 1 and state["step"] == STEPS
+    assert len(clipped) == STEPS - 1  # every step but the skipped one
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -292,6 +301,19 @@ def test_resuming_with_changed_data_or_model_settings_is_refused_naming_them(
                   change.format(other=other))
     with pytest.raises(ConfigError, match=rf"{key}: .* -> "):
         train(recipe, progress=False)
+
+
+def test_resuming_with_max_steps_below_the_checkpoint_is_refused(straight, cache_dir,
+                                                                  real_text):
+    recipe = tiny("bert", straight("bert"), cache_dir, real_text, *BASE, "train.max_steps=5")
+    with pytest.raises(ConfigError, match=r"at step 12, past this recipe's 5 steps"):
+        train(recipe, progress=False)
+
+
+def test_nan_and_infinite_settings_are_refused_naming_the_key(cache_dir, real_text):
+    for value in (".nan", ".inf"):
+        with pytest.raises(ConfigError, match="train.lr=.* must be a positive finite number"):
+            tiny("bert", "unused", cache_dir, real_text, f"train.lr={value}")
 
 
 def test_resuming_with_a_new_learning_rate_uses_it_from_the_next_step(

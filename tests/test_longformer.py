@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -219,21 +220,29 @@ def test_convert_long_refuses_an_existing_output_and_bad_checkpoints(tmp_path, c
     BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
                          num_attention_heads=2, intermediate_size=64)).save_pretrained(headless)
     (tmp_path / "empty").mkdir()
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(source, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"garbage")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
     capsys.readouterr()
 
-    cases = [(source, taken, 64, "exists"),
-             (source, tmp_path / "a", 63, "--window=63"),
-             (tmp_path / "empty", tmp_path / "b", 64, "no config.json"),
-             (gpt, tmp_path / "c", 64, "'gpt2'"),
-             (headless, tmp_path / "d", 64, "masked-LM head")]
-    for checkpoint, output, window, message in cases:
+    cases = [(source, taken, 64, 128, "exists"),
+             (source, tmp_path / "a", 63, 128, "--window=63"),
+             (tmp_path / "empty", tmp_path / "b", 64, 128, "no config.json"),
+             (gpt, tmp_path / "c", 64, 128, "'gpt2'"),
+             (headless, tmp_path / "d", 64, 128, "masked-LM head"),
+             (corrupt, tmp_path / "e", 64, 128, "cannot load its model"),
+             (source, a_file / "f", 64, 128, "cannot be written"),
+             (source, tmp_path / "g", 64, 32, "shorter than --window")]
+    for checkpoint, output, window, length, message in cases:
         code = main(["convert-long", "--checkpoint", str(checkpoint), "--window", str(window),
-                     "--max-length", "128", "--output", str(output)])
+                     "--max-length", str(length), "--output", str(output)])
         err = capsys.readouterr().err.strip()
         assert code == 2, (message, err)
         assert message in err and len(err.splitlines()) == 1, err
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]  # nothing written over
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    assert not any((tmp_path / n).exists() for n in "abcdeg")
 
 
 # ---------------------------------------------------------------------------- data, config

@@ -350,6 +350,9 @@ def test_accelerate_config_refusals_name_the_problem(tmp_path):
     recipe = load_recipe("bert-tiny")
     with pytest.raises(ConfigError, match="nothere.yaml: no such file"):
         check_accelerate_config(tmp_path / "nothere.yaml", recipe)
+    wrong_type = _write(tmp_path, "type.yaml", "distributed_type: MULTI_GPU\nnum_processes: abc\n")
+    with pytest.raises(ConfigError, match="type.yaml: num_processes='abc' must be an integer"):
+        check_accelerate_config(wrong_type, recipe)
     bad = _write(tmp_path, "bad.yaml", "distributed_type: MULTI_GPU\nnum_prcesses: 2\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: not a valid Accelerate config.*num_prcesses"):
         check_accelerate_config(bad, recipe)

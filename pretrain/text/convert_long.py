@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ...atomic import fresh_tmp_dir, publish_dir
 from ...config import ConfigError
@@ -61,6 +62,9 @@ def convert_to_long(checkpoint: str, output: str | Path, max_length: int = 4096,
         raise ConfigError(f"--window={window} must be an even positive integer")
     if max_length <= 0:
         raise ConfigError(f"--max-length={max_length} must be a positive integer")
+    if max_length < window:
+        raise ConfigError(f"--max-length={max_length} is shorter than --window={window}: "
+                          "the window would cover every input (use plain RoBERTa / BERT)")
     path = resolve_checkpoint(checkpoint)
     where = f"--checkpoint {checkpoint}"
     try:
@@ -73,15 +77,18 @@ def convert_to_long(checkpoint: str, output: str | Path, max_length: int = 4096,
     if config.hidden_act != "gelu":
         raise ConfigError(f"{where}: hidden_act={config.hidden_act!r}; Longformer's masked-LM "
                           "head uses gelu, so only gelu models convert exactly")
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a refused checkpoint is one line, not a bar + line
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    # a refused checkpoint is one line: no loading bar, no LOAD REPORT of missing keys
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         source, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ConfigError(f"{where}: cannot load its model or tokenizer "
                           f"({_first_line(err)})") from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
     if info["missing_keys"]:
@@ -90,7 +97,11 @@ def convert_to_long(checkpoint: str, output: str | Path, max_length: int = 4096,
 
     model = long_model(source, tokenizer, max_length, window)
     tokenizer.model_max_length = max_length
-    tmp = fresh_tmp_dir(output)
+    try:
+        tmp = fresh_tmp_dir(output)
+    except OSError as err:
+        raise ConfigError(f"--output {output} cannot be written ({err.strerror or err}); "
+                          "choose a folder you can write to") from None
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
