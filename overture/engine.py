@@ -29,7 +29,7 @@ from .checkpoint import (export_final, find_resume_point, flatten, is_finished,
 from .config import ConfigError, Phase, Recipe
 from .data.prepare import IndexedDataset
 from .errors import Interrupted, NonFiniteLoss
-from .launch import configure_accelerator
+from .launch import configure_accelerator, world_size
 from .objective import Objective, Update
 from .optim import build_optimizer, build_scheduler
 from .registry import build_objective
@@ -174,7 +174,7 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
     # once per process at every optimizer step; ours counts optimizer steps.
     # Several processes and no GPU (torchrun on CPUs): Accelerate forms the gloo process
     # group only when told the run is on the CPU, as `accelerate launch --cpu` does.
-    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
+    cpu = world_size() > 1 and not torch.accelerator.is_available()
     accelerator = Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision,
                               log_with=recipe.train.report_to or None,
                               project_dir=str(run_dir), step_scheduler_with_optimizer=False)
@@ -486,10 +486,10 @@ def _per_example_sums(objective, models, batch: dict, accelerator) -> dict[str, 
     per_example = set(getattr(objective, "example_outputs", ()))
     result = {}
     for key in rows[0]:
-        stacked = torch.cat([r[key].detach().float().reshape(1, -1) for r in rows])
         if key in per_example:  # the caller gathers these itself
             result[key] = torch.cat([r[key] for r in rows])
             continue
+        stacked = torch.cat([r[key].detach().float().reshape(1, -1) for r in rows])
         total = accelerator.gather_for_metrics(stacked).sum()
         result[key] = total if accelerator.is_main_process else torch.zeros_like(total)
     return result

@@ -4,8 +4,6 @@ message as one line; no traceback). Bad input is ``overture.config.ConfigError``
 
 from __future__ import annotations
 
-import signal
-
 EXIT_NONFINITE = 3
 
 
@@ -24,10 +22,6 @@ class Interrupted(RunError):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
-
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.signum).name
 
 
 class NonFiniteLoss(RunError):
