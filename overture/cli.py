@@ -1,5 +1,5 @@
 """`overture <command>`: pretrain, prepare, recipes, finetune, glue, generate, features,
-convert-long, report.
+probe, convert-long, report.
 
 RECIPE is a YAML path or a bundled recipe name; KEY=VALUE overrides use dotted paths
 (``train.max_steps=50 output_dir=runs/x``). Exit codes: 0 success (also when the run
@@ -90,11 +90,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("finetune", help="fine-tune a checkpoint on a GLUE or custom task")
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint on a GLUE or custom task, "
+                                        "or an image checkpoint on a labelled image folder")
     p.add_argument("--checkpoint", required=True,
                    help="a final/ folder (or a run folder holding one), a transformers "
-                        "folder or a Hub model name")
-    p.add_argument("--task", required=True, help="a GLUE task (sst2, ...) or a task YAML")
+                        "folder or a Hub model name; with --images: an image final/ folder, "
+                        "or a .safetensors / .pth weights file of model.name=NAME")
+    task = p.add_mutually_exclusive_group(required=True)
+    task.add_argument("--task", help="a GLUE task (sst2, ...) or a task YAML")
+    task.add_argument("--images", help="labelled images: an ImageFolder folder "
+                                       "(DIR/<class>/<image>), digits, hf:NAME, a .parquet file")
+    p.add_argument("--eval-images", help="with --images: held-out images (default: 20%% of "
+                                         "--images)")
     p.add_argument("--data-dir", help="the official GLUE distribution (SST-2/train.tsv, "
                                       "...); default: the Hub glue dataset")
     p.add_argument("--seed", type=int)
@@ -112,12 +119,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=_glue)
 
-    p = sub.add_parser("features", help="embed texts with any encoder checkpoint")
+    p = sub.add_parser("features", help="embed texts with any encoder checkpoint, or images "
+                                        "with an image checkpoint")
     p.add_argument("--checkpoint", required=True,
                    help="a final/ folder (or a run folder holding one), a transformers "
                         "folder or a Hub model name")
     p.add_argument("--input", required=True,
-                   help=".txt (one text per line) or .csv / .tsv / .jsonl / .parquet")
+                   help=".txt (one text per line) or .csv / .tsv / .jsonl / .parquet; for an "
+                        "image checkpoint: a folder of images or a .txt list of image paths")
     p.add_argument("--output", required=True, help=".npy, .safetensors or .parquet")
     p.add_argument("--column", help="text column of a table input (default: text)")
     p.add_argument("--id-column", help="id column kept with the embeddings")
@@ -130,6 +139,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="default: the tokenizer's limit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.set_defaults(func=_features)
+
+    p = sub.add_parser("probe", help="top-1 of a linear classifier on an image "
+                                     "checkpoint's frozen features")
+    p.add_argument("--checkpoint", required=True, help="an image final/ folder (or a run "
+                                                       "folder holding one)")
+    p.add_argument("--data", required=True, help="labelled images: an ImageFolder folder, "
+                                                 "digits, hf:NAME, .parquet, cifar10:ROOT")
+    p.add_argument("--eval-data", help="held-out images (default: --eval-fraction of --data)")
+    p.add_argument("--eval-fraction", type=float, default=0.2,
+                   help="held out of --data when --eval-data is not given (as a recipe's "
+                        "data.eval_fraction: the same split as that run's evaluation)")
+    p.add_argument("--method", default="logreg", help="logreg (scikit-learn) or linear (torch)")
+    p.add_argument("--random-init", action="store_true",
+                   help="the checkpoint's architecture with fresh weights (the baseline)")
+    p.add_argument("--seed", type=int, default=0, help="of --random-init and the probe")
+    p.add_argument("--data-seed", type=int, default=12345,
+                   help="seed of the held-out split (as a recipe's data.seed)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--cache-dir", default="~/.cache/overture",
+                   help="where the prepared images are cached (as data.cache_dir)")
+    p.set_defaults(func=_probe)
 
     p = sub.add_parser("convert-long",
                        help="make a BERT / RoBERTa masked LM a Longformer (tiled positions)")
@@ -182,17 +212,21 @@ def _dry_run(recipe) -> int:
         if index == 0:
             # epochs become steps once the examples are counted
             phases = recipe.for_dataset(len(data.train), 1).resolved_phases()
-            vocab = len(objective.tokenizer)
             params = count_parameters(objective)
-            at_recipe = count_parameters(objective, recipe.tokenizer.vocab_size)
-            print(f"parameters: {params:,} (vocabulary {vocab:,}" + (
-                f"; {at_recipe:,} at tokenizer.vocab_size={recipe.tokenizer.vocab_size:,})"
-                if at_recipe != params else ")"))
+            if getattr(objective, "tokenizer", None) is None:  # images: no vocabulary
+                print(f"parameters: {params:,}")
+            else:
+                vocab = len(objective.tokenizer)
+                at_recipe = count_parameters(objective, recipe.tokenizer.vocab_size)
+                print(f"parameters: {params:,} (vocabulary {vocab:,}" + (
+                    f"; {at_recipe:,} at tokenizer.vocab_size={recipe.tokenizer.vocab_size:,})"
+                    if at_recipe != params else ")"))
             if "corpus" in data.stats:
                 print("corpus: " + json.dumps(data.stats["corpus"]))
         phase = phases[index]
-        print(f"# data statistics, phase {index} (max_seq_len {phase.max_seq_len}, "
-              f"{phase.steps} steps)")
+        shape = (f"max_seq_len {phase.max_seq_len}" if phase.max_seq_len is not None
+                 else f"image_size {recipe.data.image_size}")
+        print(f"# data statistics, phase {index} ({shape}, {phase.steps} steps)")
         for key, value in objective.data_report(data, phase).items():
             shown = f"{value:.4f}" if isinstance(value, float) else f"{value:,}"
             print(f"  {key}: {shown}")
@@ -225,7 +259,7 @@ def _prepare(args) -> int:
 def _recipes(args) -> int:
     from .registry import build_objective
 
-    print(f"{'recipe':<16} {'family':<10} {'params':>8}  description")
+    print(f"{'recipe':<24} {'family':<10} {'params':>8}  description")
     for name, path in bundled_recipes().items():
         recipe = load_recipe(path)
         if getattr(recipe.objective, "checkpoint", None) is not None:
@@ -233,7 +267,7 @@ def _recipes(args) -> int:
         else:
             params = count_parameters(build_objective(recipe), recipe.tokenizer.vocab_size)
             size = f"{params / 1e6:.1f}M"
-        print(f"{name:<16} {recipe.objective.name:<10} {size:>8}  {recipe.description}")
+        print(f"{name:<24} {recipe.objective.name:<10} {size:>8}  {recipe.description}")
     return 0
 
 
@@ -248,6 +282,18 @@ def _generate(args) -> int:
 
 def _finetune(args) -> int:
     from .finetune.run import finetune, finetune_recipe
+
+    if args.images:
+        from .finetune.images import finetune_images, image_finetune_recipe
+
+        recipe = image_finetune_recipe(args.checkpoint, args.images, args.eval_images,
+                                       args.seed, args.random_init, args.overrides)
+        metrics = finetune_images(recipe, progress=_is_main_process())
+        if _is_main_process():
+            print(json.dumps(metrics, indent=2))
+        return 0
+    if args.eval_images:
+        raise ConfigError("--eval-images goes with --images")
 
     overrides = [*(["objective.init=random"] if args.random_init else []), *args.overrides]
     recipe = finetune_recipe(args.checkpoint, args.task, args.data_dir, args.seed, overrides)
@@ -267,6 +313,17 @@ def _glue(args) -> int:
     return 0
 
 
+def _probe(args) -> int:
+    from .pretrain.image.probe import probe
+
+    if not 0 < args.eval_fraction < 1:
+        raise ConfigError(f"--eval-fraction={args.eval_fraction} must be between 0 and 1")
+    print(json.dumps(probe(args.checkpoint, args.data, args.eval_data, args.eval_fraction,
+                           args.method, args.random_init, args.seed, args.batch_size,
+                           args.cache_dir, args.data_seed), indent=2))
+    return 0
+
+
 def _features(args) -> int:
     from pathlib import Path
 
@@ -281,6 +338,21 @@ def _features(args) -> int:
         raise ConfigError(f"--output {output}: use one of {', '.join(OUTPUT_FORMATS)}")
     if output.exists() and not args.overwrite:
         raise ConfigError(f"--output {output} exists; remove it or pass --overwrite")
+    if _is_image_checkpoint(args.checkpoint):
+        from .pretrain.image.features import ImageEncoder, list_images
+
+        if args.layer != "-1" or args.pooling != "mean" or args.max_length:
+            raise ConfigError("--layer, --pooling and --max-length are for text checkpoints; "
+                              "an image checkpoint gives its pooled features")
+        files = list_images(Path(args.input))
+        embeddings = ImageEncoder(args.checkpoint).encode(
+            files, batch_size=args.batch_size, normalize=args.normalize, progress=True)
+        write_features(output, files, embeddings, overwrite=args.overwrite)
+        return 0
+    if Path(args.input).is_dir():  # a folder of images: only an image checkpoint reads it
+        raise ConfigError(f"--input {args.input} is a folder, which needs an image checkpoint; "
+                          f"--checkpoint {args.checkpoint} is not one (no config.json of a "
+                          "timm / torchvision model there or in its final/)")
     ids, texts = read_texts(Path(args.input), args.column, args.id_column)
     encoder = load(args.checkpoint, max_length=args.max_length)
     embeddings = encoder.encode(texts, pooling=args.pooling, layer=layers,
@@ -288,6 +360,15 @@ def _features(args) -> int:
                                 progress=True)
     write_features(output, ids, embeddings, overwrite=args.overwrite)
     return 0
+
+
+def _is_image_checkpoint(checkpoint: str) -> bool:
+    from pathlib import Path
+
+    from .pretrain.image.models import is_image_checkpoint
+
+    path = Path(checkpoint).expanduser()
+    return is_image_checkpoint(path) or is_image_checkpoint(path / "final")
 
 
 def _convert_long(args) -> int:

@@ -235,7 +235,10 @@ class Recipe:
     model: Any = None
     """The family's model section (sizes); the vocabulary size comes from the tokenizer."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    """Text families only: image families have no vocabulary."""
+    data: Any = field(default_factory=DataConfig)
+    """The family's data section: ``DataConfig`` (a text corpus) unless the family
+    names another in ``data_config`` (images)."""
     objective: Any = None
     """The family's objective section; ``name`` picks the family."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -256,7 +259,7 @@ class Recipe:
                                   f"{self.objective.name!r} has no masked-LM predictions")
         key, limit = self.model.position_limit()
         for i, phase in enumerate(self.resolved_phases()):
-            if phase.max_seq_len > limit:
+            if phase.max_seq_len is not None and phase.max_seq_len > limit:
                 raise ConfigError(f"phase {i} max_seq_len={phase.max_seq_len} exceeds "
                                   f"model.{key}={limit}")
 
@@ -264,7 +267,7 @@ class Recipe:
         """The phases with every field filled in (one phase when none are given)."""
         given = self.phases or [Phase(steps=self.train.max_steps)]
         return [Phase(steps=p.steps,
-                      max_seq_len=p.max_seq_len or self.data.max_seq_len,
+                      max_seq_len=p.max_seq_len or getattr(self.data, "max_seq_len", None),
                       batch_size=p.batch_size or self.train.batch_size,
                       max_predictions_per_seq=(
                           p.max_predictions_per_seq
@@ -332,11 +335,14 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
     if not isinstance(objective, dict):
         raise ConfigError(f"{where}: objective must be a mapping, got {objective!r}")
     family = get_family(objective.get("name", "bert"))
+    data_config = getattr(family, "data_config", DataConfig)
     recipe = from_dict(Recipe, raw, where=where,
                        types={"model": family.model_config,
-                              "objective": family.objective_config})
+                              "objective": family.objective_config, "data": data_config})
     recipe.model = recipe.model or family.model_config()
     recipe.objective = recipe.objective or family.objective_config()
+    if "data" not in raw:
+        recipe.data = data_config()
     try:
         recipe.validate()
     except ConfigError as err:  # validate() knows the key; say which file it is in
@@ -433,6 +439,8 @@ def _coerce(tp: Any, value: Any, where: str, dotted: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if origin is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where}: {dotted} must be a mapping, got {value!r}")
     if tp in (int, float, str, bool) and not (isinstance(value, tp)
                                               and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: {dotted} must be {tp.__name__}, got {value!r}")

@@ -96,13 +96,14 @@ class EpochSampler(torch.utils.data.Sampler):
 
     With ``lengths`` (group by length), the permutation is cut into groups of
     ``group`` examples and each group is sorted by length, longest first: batches hold
-    similar lengths (less padding) and their order stays random.
+    similar lengths (less padding) and their order stays random. With ``tagged``, each
+    index comes as ``epoch * size + index``.
     """
 
     def __init__(self, size: int, seed: int, lengths: list[int] | None = None,
-                 group: int = 0):
+                 group: int = 0, tagged: bool = False):
         self.size, self.seed, self.epoch = size, seed, 0
-        self.lengths, self.group = lengths, group
+        self.lengths, self.group, self.tagged = lengths, group, tagged
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -114,6 +115,8 @@ class EpochSampler(torch.utils.data.Sampler):
             order = [i for start in range(0, self.size, self.group)
                      for i in sorted(order[start:start + self.group],
                                      key=lambda i: -self.lengths[i])]
+        if self.tagged:  # epoch * size + index: see IndexedDataset(epoch_tagged=True)
+            order = [self.epoch * self.size + i for i in order]
         return iter(order)
 
     def __len__(self) -> int:
@@ -159,6 +162,15 @@ def setup_trainer(recipe: Recipe, objective: Objective, accelerator) -> Trainer:
     models = dict(zip(names, prepared[:len(names)]))
     optimizers = dict(zip(optimizers, prepared[len(names):len(names) + len(updates)]))
     schedulers = dict(zip(schedulers, prepared[len(names) + len(updates):]))
+    if hasattr(objective, "stateful"):  # e.g. an EMA: saved and restored with the models
+        extra = objective.stateful({n: accelerator.unwrap_model(m) for n, m in models.items()})
+        if extra:
+            accelerator.register_for_checkpointing(*extra)
+    if getattr(objective, "batch_coupled", False) and cfg.gradient_accumulation_steps > 1:
+        log.warning("objective %s compares the examples of a micro-batch with each other: "
+                    "with train.gradient_accumulation_steps=%d they are compared within "
+                    "each micro-batch (of every process), not across the whole step",
+                    recipe.objective.name, cfg.gradient_accumulation_steps)
     return Trainer(objective, models, updates, optimizers, schedulers)
 
 
@@ -319,8 +331,9 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
         save_checkpoint(accelerator, recipe, state.step, asdict(state))
     if cfg.best_metric and state.best_step >= 0:
         final = publish_best_as_final(accelerator, recipe)
-        log.info("final/ is the model of step %d (%s %.4f)", state.best_step,
-                 cfg.best_metric, state.best_value)
+        if is_main:
+            log.info("final/ is the model of step %d (%s %.4f)", state.best_step,
+                     cfg.best_metric, state.best_value)
     else:
         final = export_final(accelerator, recipe, objective, trainer.models)
     accelerator.end_training()
@@ -387,7 +400,9 @@ def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg
     optimizer or scheduler step); the result's ``nonfinite`` says so.
     """
     objective, models = trainer.objective, trainer.models
+    waited = time.perf_counter()  # time blocked on the data loader (data_wait_fraction)
     batches = [next(micro_batches) for _ in range(cfg.gradient_accumulation_steps)]
+    waited = time.perf_counter() - waited
     heads = objective.heads
     per_batch = [objective.target_counts(b) for b in batches]
     counts = {h: torch.stack([c[h] for c in per_batch]).sum() for h in heads}
@@ -420,6 +435,9 @@ def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg
             nonfinite = True
             optimizer.zero_grad(set_to_none=True)
             continue
+        if hasattr(objective, "held_parameters"):  # frozen this step: not updated at all
+            for param in objective.held_parameters(models, step):
+                param.grad = None
         params = [p for name in update.models for p in models[name].parameters()]
         if cfg.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -427,9 +445,12 @@ def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg
         scaler_skipped = scaler_skipped or accelerator.optimizer_step_was_skipped
         trainer.schedulers[update.name].step()
         optimizer.zero_grad(set_to_none=True)
+        if hasattr(objective, "after_update"):
+            objective.after_update(update, step)
     units = torch.stack([torch.as_tensor(objective.count_units(b)) for b in batches]).sum()
     return {**sums, **{f"{h}_count": counts[h].float() for h in heads},
             "units": units.float().to(accelerator.device),
+            "data_seconds": torch.tensor(waited, device=accelerator.device),
             "nonfinite": nonfinite, "scaler_skipped": scaler_skipped}
 
 
@@ -547,10 +568,14 @@ class Interval:
         heads = self.objective.heads
         metrics = self.objective.summarize(t, {h: t[f"{h}_count"] for h in heads})
         unit = self.objective.unit
-        per_s = t["units"] / (time.perf_counter() - self.started)
+        seconds = time.perf_counter() - self.started
+        per_s = t["units"] / seconds
         tflops = self.objective.flops_per_unit(phase) * per_s / 1e12
+        # waits summed over processes: their mean share of the wall time
+        waiting = t.get("data_seconds", 0.0) / self.accelerator.num_processes / seconds
         record = {"split": "train", "step": state.step, **metrics, "lr": lr,
                   f"{unit}_per_s": per_s, "tflops": tflops, f"{unit}_seen": state.units_seen,
+                  "data_wait_fraction": min(waiting, 1.0),
                   "seq_len": phase.max_seq_len, "nonfinite_steps": state.nonfinite_steps,
                   "scaler_skipped_steps": state.scaler_skipped_steps}
         if peak_tflops:
@@ -593,15 +618,34 @@ def _train_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
                               "gives its examples no length column; set it to false")
         lengths = dataset["length"]
     sampler = EpochSampler(len(dataset), recipe.train.seed, lengths,
-                           group=50 * phase.batch_size * accelerator.num_processes)
+                           group=50 * phase.batch_size * accelerator.num_processes,
+                           tagged=True)
+    workers = recipe.train.num_workers
     loader = torch.utils.data.DataLoader(
-        IndexedDataset(dataset), batch_size=phase.batch_size,
-        sampler=sampler, collate_fn=collator,
-        drop_last=True, num_workers=recipe.train.num_workers,
+        IndexedDataset(dataset, epoch_tagged=True), batch_size=phase.batch_size,
+        sampler=sampler, collate_fn=EpochCollate(collator),
+        drop_last=True, num_workers=workers,
+        # workers live across epochs (no restart and refill at every epoch); each batch
+        # carries its epoch to their copy of the collator (EpochCollate)
+        persistent_workers=workers > 0,
+        pin_memory=torch.cuda.is_available(),  # asynchronous host-to-GPU copies
         # its own generator, so creating an iterator never draws from the global RNG
         # (which drives dropout and must match between a straight and a resumed run)
         generator=torch.Generator().manual_seed(recipe.train.seed))
     return accelerator.prepare(loader), sampler
+
+
+class EpochCollate:
+    """The collate function of the training loader: sets the collator's epoch from the
+    batch (IndexedDataset(epoch_tagged=True)), then collates."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows: dict) -> dict:
+        if "epoch" in rows:
+            self.collator.set_epoch(rows.pop("epoch"))
+        return self.collator(rows)
 
 
 def _eval_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
@@ -696,7 +740,7 @@ def _count_skips(stats: dict, state: TrainState, cfg, run_dir: Path) -> None:
     log.warning("step %d: non-finite loss (%s), skipped (%d of train.max_nonfinite_steps=%d)",
                 state.step, losses, state.nonfinite_steps, cfg.max_nonfinite_steps)
     for key in list(stats):
-        if key != "units":
+        if key not in ("units", "data_seconds"):
             stats[key] = torch.zeros_like(torch.as_tensor(stats[key]))
 
 

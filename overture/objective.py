@@ -109,6 +109,18 @@ class Objective(Protocol):
     def data_report(self, data, phase) -> dict[str, float]:
         """Statistics of what training will see (``--dry-run``)."""
 
+    # Optional hooks, for what happens around an optimizer step (image families):
+    #   stateful(models) -> list: objects with state_dict / load_state_dict saved in every
+    #     checkpoint beside the models (an EMA of the weights); called once, on the
+    #     unwrapped models, before any resume.
+    #   held_parameters(models, step) -> list: parameters not to update at this optimizer
+    #     step (a backbone frozen for the first epochs of transfer); their gradients are
+    #     dropped before clipping, so neither the optimizer nor weight decay moves them.
+    #   after_update(update, step): after ``update``'s optimizer step (the EMA update).
+    # ``batch_coupled = True`` says an example's loss depends on the other examples of
+    # its micro-batch (contrastive negatives): accumulation then changes the loss.
+    batch_coupled: ClassVar[bool] = False
+
     def export(self, models: dict[str, nn.Module], state_dicts: dict[str, dict],
                folder: Path) -> None:
         """Write ``final/`` into ``folder`` in the family's native library format.

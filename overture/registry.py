@@ -18,6 +18,8 @@ FAMILIES = {
     "gpt": "overture.pretrain.text.gpt:Gpt",
     "longformer": "overture.pretrain.text.longformer:Longformer",
     "classify": "overture.finetune.classify:Classify",
+    "image": "overture.pretrain.image.supervised:ClassifyImages",
+    "simclr": "overture.pretrain.image.simclr:SimCLR",
 }
 
 

@@ -9,9 +9,10 @@ from .atomic import atomic_file
 from .config import ConfigError
 
 # Panels in this order: the loss, the learning rate, throughput (<unit>_per_s), each head's
-# loss and accuracy (<head>_loss / <head>_accuracy), perplexity.
+# loss and accuracy (<head>_loss / <head>_accuracy), perplexity, image top-1 / top-5, the
+# share of time waiting for data.
 FIRST = ("loss", "lr")
-LAST = ("perplexity",)
+LAST = ("perplexity", "top1", "top5", "alignment", "data_wait_fraction")
 
 
 def read_metrics(run_dir: Path) -> dict[str, dict[int, dict]]:

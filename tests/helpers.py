@@ -26,10 +26,34 @@ def records(run_dir: Path, split: str = "train") -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, lines) if r["split"] == split}
 
 
+IMAGE_TINY = {"image": "resnet-tiny-digits", "simclr": "simclr-tiny-digits"}
+"""The CPU-sized recipe of each image family (text families: ``<family>-tiny``)."""
+TEXT_ONLY = ("data.max_seq_len=", "data.corpus=", "tokenizer.")
+
+
+def tiny_name(family: str) -> str:
+    """The bundled CPU-sized recipe of ``family``."""
+    return IMAGE_TINY.get(family, f"{family}-tiny")
+
+
+def text_families() -> list[str]:
+    """Registered families that train on text (tokens), classify excluded."""
+    from overture.registry import get_family, list_families
+
+    return [f for f in list_families() if get_family(f).unit == "tokens"]
+
+
 def tiny(family: str, run_dir, cache_dir, corpus, *overrides: str):
     """The family's tiny recipe on ``corpus``, with a shared cache and a small vocabulary.
     Fine-tuning ("classify") gets a tiny BERT checkpoint and an SST-2-style task, both
-    made from ``corpus`` (see ``classify_inputs``)."""
+    made from ``corpus`` (see ``classify_inputs``). Image families train on 64 of the
+    bundled digits at 16x16 (the text-only overrides are dropped)."""
+    if family in IMAGE_TINY:
+        return load_recipe(IMAGE_TINY[family], [
+            f"data.cache_dir={cache_dir}", f"output_dir={run_dir}", "data.num_proc=1",
+            "data.image_size=16", "data.max_train_examples=64", "train.batch_size=8",
+            "train.warmup_steps=2",
+            *(o for o in overrides if not o.startswith(TEXT_ONLY))])
     extra = []
     if family == "classify":
         checkpoint, glue = classify_inputs(cache_dir, corpus)

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import prepare, tiny
+from helpers import prepare, text_families, tiny
 from overture.cli import main
 from overture.config import ConfigError
 from overture.data.corpus import CorpusStats, iter_documents, resolve_sources
 from overture.pretrain.text.masking import IGNORE_INDEX, MaskingSpec, mask_tokens
-from overture.registry import build_objective, list_families
+from overture.registry import build_objective
 
-TEXT_FAMILIES = [f for f in list_families() if f != "classify"]
+TEXT_FAMILIES = text_families()
 LITERALS = ["[SEP]", "[CLS]", "[MASK]", "[PAD]", "[UNK]", "<s>", "</s>", "<pad>", "<unk>",
             "<mask>", "<|endoftext|>"]
 

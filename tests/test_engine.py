@@ -139,3 +139,69 @@ def test_several_updates_run_on_their_schedule_and_frozen_models_stay_frozen(
     logged = records(tmp_path / "gan")
     assert [logged[s]["images_seen"] for s in (1, 2, 3, 4)] == [8, 16, 24, 32]
     assert all(logged[s]["images_per_s"] > 0 for s in logged)
+
+
+def test_loader_workers_kept_across_epochs_draw_each_epochs_randomness(tmp_path, cache_dir):
+    """Loader workers live across epochs (persistent), so the collator in them learns the
+    epoch from each batch: two workers give the losses of the in-process loader over
+    three epochs of the digits, whose augmentations are drawn per epoch (a collator
+    stuck at epoch 0 in the workers would repeat epoch 0's pixels from step 9 on)."""
+    from helpers import tiny
+
+    def run(name: str, *extra: str) -> dict[int, float]:
+        folder = tmp_path / name
+        # 64 images in batches of 8: an epoch every 8 steps
+        train(tiny("image", folder, cache_dir, "unused", "train.max_steps=20",
+                   "train.log_every=1", "train.eval_every=0", "train.save_every=0",
+                   *extra), progress=False)
+        return {step: r["loss"] for step, r in records(folder).items()}
+
+    in_process = run("workers-0")
+    workers = run("workers-2", "train.num_workers=2")
+    assert sorted(workers) == list(range(1, 21))
+    for step, loss in in_process.items():
+        assert abs(workers[step] - loss) < 1e-5, step
+
+
+def test_data_wait_fraction_is_the_share_of_time_spent_waiting_for_batches(tmp_path,
+                                                                          cache_dir,
+                                                                          monkeypatch):
+    """A collator slowed down by 1 s a batch makes the loader the bottleneck: the
+    logged data_wait_fraction says so; without the delay it is small."""
+    import time
+
+    from helpers import tiny
+    from overture.pretrain.image.transforms import ImageCollator
+
+    def run(name: str) -> list[float]:
+        folder = tmp_path / name
+        train(tiny("image", folder, cache_dir, "unused", "train.max_steps=6",
+                   "train.log_every=3", "train.eval_every=0", "train.save_every=0",
+                   "train.eval_batches=1"), progress=False)
+        return [r["data_wait_fraction"] for r in records(folder).values()]
+
+    fast = run("fast")
+    collate = ImageCollator.__call__
+    monkeypatch.setattr(ImageCollator, "__call__",
+                        lambda self, rows: time.sleep(1.0) or collate(self, rows))
+    slow = run("slow")
+    assert all(0 <= f < 0.5 for f in fast), fast
+    assert slow[-1] > 0.6, slow  # the first record also holds the start-up
+
+
+def test_training_loader_pins_memory_on_cuda_and_keeps_its_workers(make_recipe, tmp_path,
+                                                                   monkeypatch):
+    from accelerate import Accelerator
+
+    from helpers import prepare
+    from overture import engine
+
+    recipe = make_recipe(tmp_path / "run", "train.num_workers=2")
+    data = prepare(recipe)
+    phase = recipe.resolved_phases()[0]
+    for cuda in (False, True):
+        monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: cuda)
+        loader, _ = engine._train_loader(data.train, data.objective.collator(phase), phase,
+                                         recipe, Accelerator(cpu=True))
+        assert loader.pin_memory is cuda
+        assert loader.persistent_workers and loader.num_workers == 2

@@ -27,16 +27,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import records
+from helpers import records, text_families
 from overture.checkpoint import latest_checkpoint
 from overture.config import ConfigError, load_recipe
 from overture.launch import check_accelerate_config, configure_accelerator
-from overture.registry import list_families
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "accelerate"
 CPU_DDP = CONFIGS / "cpu-2proc-ddp.yaml"
-FAMILIES = [f for f in list_families() if f != "classify"]
+FAMILIES = text_families()
 B = 4  # per process; the one-process runs take 2 * B
 STEPS = {"bert": 24}  # bert also serves the kill test: long enough to be killed mid-run
 SAVE_EVERY = 4

@@ -105,10 +105,14 @@ def pad_rows(rows, value: int, multiple: int = 8):
 
 class IndexedDataset:
     """A datasets.Dataset fetched a batch at a time, its indices passed to the collator
-    (dynamic masks are seeded by them)."""
+    (dynamic masks are seeded by them).
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    With ``epoch_tagged``, the sampler's items are ``epoch * len + index`` (the engine's
+    training sampler): the batch then tells its epoch to the collator, which a loader
+    worker kept alive across epochs could not learn otherwise."""
+
+    def __init__(self, dataset, epoch_tagged: bool = False):
+        self.dataset, self.epoch_tagged = dataset, epoch_tagged
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -117,7 +121,11 @@ class IndexedDataset:
         return self.__getitems__([index])
 
     def __getitems__(self, indices: list[int]) -> dict:
-        return {"columns": self.dataset[list(indices)], "indices": list(indices)}
+        if not self.epoch_tagged:
+            return {"columns": self.dataset[list(indices)], "indices": list(indices)}
+        size = len(self.dataset)
+        plain = [i % size for i in indices]
+        return {"columns": self.dataset[plain], "indices": plain, "epoch": indices[0] // size}
 
 
 def _windows(data: DataConfig, sources, eval_sources,

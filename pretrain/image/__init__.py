@@ -1,0 +1,1 @@
+"""Image families: supervised classification and SimCLR on timm / torchvision models."""

@@ -1,0 +1,136 @@
+"""Image transforms (timm's ``create_transform``), applied deterministically, and the
+collators that turn prepared rows into batches.
+
+timm's and torchvision's random transforms draw from Python's ``random``, NumPy's and
+torch's global generators. Each example is transformed with all three seeded from
+(train.seed, epoch, example index) and restored afterwards, so an example's augmentation
+does not depend on the batch it falls in, the worker that loads it or a resume: a
+resumed run sees the same pixels as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import decode_row
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@contextlib.contextmanager
+def seeded(*key: int):
+    """Python's, NumPy's and torch's global generators seeded from ``key`` inside the
+    block, and as they were after it."""
+    seed = int(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]).generate_state(1)[0])
+    # the CPU generator alone (torch.manual_seed also seeds every accelerator, slowly):
+    # transforms run on the CPU
+    cpu = torch.default_generator
+    py, npy, pt = random.getstate(), np.random.get_state(), cpu.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    cpu.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        cpu.set_state(pt)
+
+
+@dataclass
+class Augment:
+    """What a training view does (the objective's settings, in one place)."""
+
+    image_size: int
+    scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    auto_augment: str | None = None
+    color_jitter: float | tuple[float, ...] = 0.4
+    color_jitter_prob: float | None = None
+    grayscale_prob: float = 0.0
+    gaussian_blur_prob: float = 0.0
+    re_prob: float = 0.0
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def train(self):
+        from timm.data import create_transform
+
+        return create_transform(
+            self.image_size, is_training=True, scale=tuple(self.scale), hflip=self.hflip,
+            auto_augment=self.auto_augment, color_jitter=self.color_jitter,
+            color_jitter_prob=self.color_jitter_prob, grayscale_prob=self.grayscale_prob,
+            gaussian_blur_prob=self.gaussian_blur_prob, re_prob=self.re_prob,
+            interpolation=self.interpolation, mean=self.mean, std=self.std)
+
+    def eval(self):
+        """Resize the short side to image_size / crop_pct, centre-crop image_size."""
+        from timm.data import create_transform
+
+        # "random" interpolation is a training augmentation; evaluation is deterministic
+        interpolation = "bilinear" if self.interpolation == "random" else self.interpolation
+        return create_transform(self.image_size, is_training=False, crop_pct=self.crop_pct,
+                                interpolation=interpolation, mean=self.mean, std=self.std)
+
+
+class ImageCollator:
+    """Rows -> ``images`` [B, 3, H, W] (+ ``labels`` [B]); with ``views=2`` (SimCLR) two
+    independently augmented views ``view_a`` and ``view_b`` of every image. ``mixup``
+    (timm's Mixup) mixes a training batch and adds soft ``targets`` [B, classes]."""
+
+    def __init__(self, augment: Augment, seed: int, views: int = 1, mixup=None,
+                 channels_last: bool = False):
+        self.augment, self.seed, self.views = augment, seed, views
+        self.mixup, self.channels_last = mixup, channels_last
+        self.epoch = 0
+        self._train, self._eval = augment.train(), augment.eval()
+
+    def set_epoch(self, epoch: int) -> None:
+        """epoch -1: evaluation (no augmentation, no mixing)."""
+        self.epoch = epoch
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __call__(self, rows: dict) -> dict[str, torch.Tensor]:
+        columns, indices = rows["columns"], rows["indices"]
+        images = [decode_row(*item) for item in zip(columns["image"], columns["path"],
+                                                    columns["height"], columns["width"])]
+        labels = torch.tensor(columns["label"], dtype=torch.long)
+        if self.epoch < 0:
+            batch = {"images": self._layout(torch.stack([self._eval(im) for im in images])),
+                     "labels": labels}
+            if self.views == 2:  # held-out views: augmented, but the same at every evaluation
+                batch.update(self._views(images, indices))
+            return batch
+        if self.views == 2:
+            return {**self._views(images, indices), "labels": labels}
+        out = []
+        for image, index in zip(images, indices):
+            with seeded(self.seed, self.epoch, index):
+                out.append(self._train(image))
+        x = torch.stack(out)
+        batch = {"images": x, "labels": labels}
+        if self.mixup is not None:
+            # timm's Mixup draws from NumPy's global generator: seeded by the batch
+            with seeded(self.seed, self.epoch, -1, *indices[:1]):
+                mixed, targets = self.mixup(x, labels)
+            batch.update(images=mixed, targets=targets)
+        batch["images"] = self._layout(batch["images"])
+        return batch
+
+    def _views(self, images, indices) -> dict[str, torch.Tensor]:
+        a, b = [], []
+        for image, index in zip(images, indices):
+            with seeded(self.seed, self.epoch, index):
+                a.append(self._train(image))
+                b.append(self._train(image))
+        return {"view_a": self._layout(torch.stack(a)), "view_b": self._layout(torch.stack(b))}
