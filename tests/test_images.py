@@ -495,7 +495,7 @@ def test_ema_weights_are_averaged_after_each_step_exported_and_resumed(tmp_path,
         raw = load_file(str(folder / "model.safetensors"))
         ema = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=True)
         saved[step] = raw, {k.removeprefix("module."): v for k, v in ema.items()}
-    (raw2, ema2), (raw3, ema3) = saved[2], saved[3]
+    (_, ema2), (raw3, ema3) = saved[2], saved[3]
     floats = [k for k, v in raw3.items() if v.is_floating_point()]
     for key in floats:  # ema_3 = d ema_2 + (1 - d) w_3, after the optimizer step
         assert torch.allclose(ema3[key], decay * ema2[key] + (1 - decay) * raw3[key],
@@ -733,3 +733,163 @@ def test_report_draws_top1_and_the_data_wait_of_an_image_run(digits_run, tmp_pat
     keys = [key for key, _ in _panels(read_metrics(digits_run))]
     assert {"loss", "images_per_s", "top1", "data_wait_fraction"} <= set(keys)
     assert write_report(digits_run, tmp_path / "r.png").stat().st_size > 10_000
+
+
+# --------------------------------------------------------------------------- README claims
+
+
+def test_simclr_torchvision_backbone_loads_with_its_head_module_made_identity(tmp_path,
+                                                                             cache_dir,
+                                                                             offline):
+    """A torchvision SimCLR final/ names where its classifier was (classifier.3 for
+    MobileNetV3); replacing that with an Identity, as the README shows, loads it
+    strictly and gives the features of the trained backbone."""
+    import torchvision
+
+    from overture.checkpoint import latest_checkpoint
+    from overture.engine import train
+
+    run = tmp_path / "run"
+    train(tiny("simclr", run, cache_dir, "unused", "model.name=torchvision:mobilenet_v3_small",
+               "model.args={}", "data.image_size=32", "train.max_steps=1",
+               "train.eval_batches=1", "train.eval_every=0"), progress=False)
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert config["head"] == "identity" and config["head_module"] == "classifier.3"
+    model = torchvision.models.get_model(config["architecture"], num_classes=1,
+                                         **config["model_args"])
+    parent, _, attr = config["head_module"].rpartition(".")
+    setattr(model.get_submodule(parent), attr, torch.nn.Identity())
+    model.load_state_dict(load_file(str(run / "final" / "model.safetensors")))
+    own = prepare(load_recipe(run / "final" / "recipe.yaml")).objective.build_models()["model"]
+    own.load_state_dict(load_file(str(latest_checkpoint(run) / "model.safetensors")))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), own.eval().backbone(x), atol=1e-5)
+
+
+def test_timm_loads_final_through_a_pretrained_cfg_overlay_too(digits_run):
+    import timm
+
+    final = digits_run / "final"
+    config = json.loads((final / "config.json").read_text())
+    args = {k: v for k, v in config["model_args"].items() if k != "num_classes"}
+    overlay = timm.create_model("resnet18", pretrained=True, num_classes=10, **args,
+                                pretrained_cfg_overlay=dict(file=str(final / "model.safetensors"),
+                                                            num_classes=10)).eval()
+    local = timm.create_model(f"local-dir:{final}", pretrained=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(overlay(x), local(x))
+
+
+def test_channels_last_batches_and_model(cache_dir, offline):
+    recipe = tiny("image", "unused", cache_dir, "unused", "model.channels_last=true")
+    data = prepare(recipe)
+    batch = data.objective.collator(recipe.resolved_phases()[0])(
+        _rows(data, list(range(4))))
+    assert batch["images"].is_contiguous(memory_format=torch.channels_last)
+    model = data.objective.build_models()["model"]
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_checking_images_in_worker_processes_gives_the_same_index(tmp_path, cache_dir,
+                                                                  monkeypatch):
+    from overture.pretrain.image import data as image_data
+
+    root = _image_folder(tmp_path / "pool", ["a", "b"], 6)
+    (root / "a" / "bad.png").write_bytes(b"\x89PNG broken")
+    results = []
+    for workers in (1, 2):
+        monkeypatch.setattr(image_data, "POOL_MIN_IMAGES", 0 if workers > 1 else 10**9)
+        prepared = prepare_images(ImageDataConfig(source=[str(root)], num_proc=workers,
+                                                  eval_fraction=0.25,
+                                                  cache_dir=str(tmp_path / f"c{workers}")),
+                                  labelled=True, progress=False)
+        results.append((list(prepared.train["row"]), list(prepared.eval["row"]),
+                        prepared.stats))
+    assert results[0] == results[1]
+    skipped = results[0][2]
+    assert skipped.get("train_unreadable_skipped", 0) + skipped.get(
+        "eval_unreadable_skipped", 0) == 1
+
+
+def test_gradient_accumulation_with_simclr_is_warned_about(tmp_path, cache_dir, caplog,
+                                                           offline):
+    from overture.engine import train
+
+    with caplog.at_level(logging.WARNING, logger="overture.engine"):
+        train(tiny("simclr", tmp_path / "run", cache_dir, "unused", "train.max_steps=1",
+                   "train.gradient_accumulation_steps=2", "train.eval_batches=1",
+                   "train.eval_every=0"), progress=False)
+    assert any("compares the examples of a micro-batch" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_transfer_from_a_weights_file_of_a_named_model_replaces_its_classifier(
+        digits_run, tmp_path, cache_dir, offline):
+    """--checkpoint FILE model.name=NAME: a timm / torchvision release's weights for the
+    backbone, a new classifier for this data's classes."""
+    from safetensors.torch import save_file
+
+    from overture.finetune.images import image_finetune_recipe
+
+    source = load_file(str(digits_run / "final" / "model.safetensors"))
+    weights = tmp_path / "resnet-tiny.safetensors"
+    save_file({**source, "fc.weight": torch.zeros(1000, 128), "fc.bias": torch.zeros(1000)},
+              str(weights))  # an "ImageNet" classifier of another size
+    folder = _image_folder(tmp_path / "pets", ["cat", "dog", "eel"], 4)
+    args = json.dumps({"channels": [16, 32, 64, 128], "stem_width": 16,
+                       "layers": [1, 1, 1, 1]})
+    recipe = image_finetune_recipe(str(weights), str(folder), overrides=[
+        "model.name=resnet18", f"model.args={args}", f"data.cache_dir={cache_dir}",
+        "data.image_size=16", "data.num_proc=1"])
+    data = prepare(recipe)
+    model = data.objective.build_models()["model"]
+    assert torch.equal(model.conv1.weight, source["conv1.weight"])
+    assert model.fc.weight.shape == (3, 128)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not weights")
+    recipe = image_finetune_recipe(str(broken), str(folder), overrides=[
+        "model.name=resnet18", f"model.args={args}", f"data.cache_dir={cache_dir}",
+        "data.image_size=16", "data.num_proc=1"])
+    with pytest.raises(ConfigError, match="is not a readable .safetensors"):
+        prepare(recipe).objective.build_models()
+
+
+def test_random_init_transfer_is_the_checkpoints_architecture_without_its_weights(
+        digits_run, tmp_path):
+    from overture.finetune.images import image_finetune_recipe
+
+    folder = _image_folder(tmp_path / "pets", ["cat", "dog"], 2)
+    recipe = image_finetune_recipe(str(digits_run), str(folder), random_init=True)
+    assert recipe.model.init_from is None and recipe.model.name == "resnet18"
+    assert recipe.model.args["channels"] == [16, 32, 64, 128]
+    assert recipe.data.image_size == 16  # the checkpoint's input size
+
+
+def test_training_loss_smooths_labels_or_takes_mixups_soft_targets():
+    """Training: cross-entropy with objective.label_smoothing, or, for a mixed batch,
+    against its soft targets; evaluation: plain cross-entropy."""
+    import torch.nn.functional as F
+
+    from overture.objective import Update
+    from overture.pretrain.image.supervised import ClassifyImages
+
+    objective = object.__new__(ClassifyImages)
+    objective.ema, objective.recipe = None, load_recipe("resnet-tiny-digits")
+    torch.manual_seed(0)
+    model, x = torch.nn.Linear(4, 10), torch.randn(6, 4)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    logits = model(x)
+    update = Update("model", ("model",), ("cls",))
+    train = objective.forward({"model": model}, {"images": x, "labels": labels}, update)
+    assert torch.allclose(train["cls_loss_sum"],
+                          F.cross_entropy(logits, labels, label_smoothing=0.1, reduction="sum"))
+    held_out = objective.forward({"model": model}, {"images": x, "labels": labels}, None)
+    assert torch.allclose(held_out["cls_loss_sum"], F.cross_entropy(logits, labels,
+                                                                    reduction="sum"))
+    targets = torch.softmax(torch.randn(6, 10), -1)
+    mixed = objective.forward({"model": model}, {"images": x, "labels": labels,
+                                                 "targets": targets}, update)
+    assert torch.allclose(mixed["cls_loss_sum"],
+                          -(targets * F.log_softmax(logits, -1)).sum())

@@ -40,6 +40,8 @@ from overture.data.prepare import PreparedData
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+POOL_MIN_IMAGES = 2000
+"""Fewer images are checked in this process (starting workers would cost more)."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                   ".pgm")
 SCHEMA = pa.schema([("image", pa.binary()), ("path", pa.string()), ("label", pa.int64()),
@@ -422,7 +424,7 @@ def _drop_unreadable(images: Images, rows: np.ndarray, cfg: ImageDataConfig, sta
     items = list(zip(images.data, images.paths))
     workers = cfg.num_proc or os.cpu_count() or 1
     chunks = max(1, len(items) // (workers * 8))
-    if workers > 1 and len(items) > 2000:
+    if workers > 1 and len(items) >= POOL_MIN_IMAGES:
         with ProcessPoolExecutor(workers) as pool:
             reasons = list(tqdm(pool.map(_check, items, chunksize=chunks), total=len(items),
                                 desc=f"check {split} images", disable=not progress))

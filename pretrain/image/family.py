@@ -17,7 +17,7 @@ from overture.config import ConfigError, Phase, choice_value
 
 from . import models as image_models
 from .data import ImageDataConfig, prepare_images
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, Augment
+from .transforms import Augment
 
 log = logging.getLogger(__name__)
 
