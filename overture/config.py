@@ -299,7 +299,10 @@ class Recipe:
         return recipe
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        tree = dataclasses.asdict(self)
+        if not isinstance(self.data, DataConfig):  # a family without text has no tokenizer
+            del tree["tokenizer"]
+        return tree
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -336,6 +339,9 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
         raise ConfigError(f"{where}: objective must be a mapping, got {objective!r}")
     family = get_family(objective.get("name", "bert"))
     data_config = getattr(family, "data_config", DataConfig)
+    if data_config is not DataConfig and "tokenizer" in raw:
+        raise ConfigError(f"{where}: objective.name={objective.get('name')!r} trains on images "
+                          "and has no tokenizer; remove the tokenizer section or overrides")
     recipe = from_dict(Recipe, raw, where=where,
                        types={"model": family.model_config,
                               "objective": family.objective_config, "data": data_config})

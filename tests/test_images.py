@@ -893,3 +893,11 @@ def test_training_loss_smooths_labels_or_takes_mixups_soft_targets():
                                                  "targets": targets}, update)
     assert torch.allclose(mixed["cls_loss_sum"],
                           -(targets * F.log_softmax(logits, -1)).sum())
+
+
+def test_image_recipes_have_no_tokenizer_section(tmp_path, capsys):
+    recipe = load_recipe("resnet-tiny-digits")
+    assert "tokenizer" not in recipe.to_dict() and "tokenizer:" not in recipe.to_yaml()
+    assert main(["pretrain", "resnet-tiny-digits", "tokenizer.vocab_size=5",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "has no tokenizer" in _one_line_error(capsys)

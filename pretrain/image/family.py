@@ -136,11 +136,15 @@ class ImageFamily:
         self.recipe = recipe
         self.stats: dict | None = None
         self._flops: float | None = None
+        self._prepared = None
 
     # ------------------------------------------------------------------ data
     def prepare(self, phase: Phase, progress: bool = True):
+        """The prepared images (the same for every phase: prepared once per objective)."""
+        if self._prepared is not None:
+            return self._prepared
         data = prepare_images(self.recipe.data, labelled=self.labelled, progress=progress)
-        self.stats = data.stats
+        self._prepared, self.stats = data, data.stats
         if data.stats.get("train_unreadable_skipped") or data.stats.get("eval_unreadable_skipped"):
             log.warning("%d training and %d held-out images could not be read and were "
                         "skipped (listed above when first prepared)",
