@@ -21,9 +21,7 @@ def image_finetune_recipe(checkpoint: str, images: str, eval_images: str | None 
     a run folder holding one), or a weights file for ``model.name`` given in overrides."""
     from overture.pretrain.image import models as image_models
 
-    path = Path(checkpoint).expanduser()
-    if (path / "final" / "config.json").is_file():
-        path = path / "final"
+    path = image_models.final_folder(Path(checkpoint))
     # paths as JSON strings, which YAML reads whole (commas and spaces included)
     base = [f"data.source=[{json.dumps(images)}]", "name=finetune-images",
             f"output_dir=runs/finetune/{Path(images).name or 'images'}"]

@@ -365,10 +365,9 @@ def _features(args) -> int:
 def _is_image_checkpoint(checkpoint: str) -> bool:
     from pathlib import Path
 
-    from .pretrain.image.models import is_image_checkpoint
+    from .pretrain.image.models import final_folder, is_image_checkpoint
 
-    path = Path(checkpoint).expanduser()
-    return is_image_checkpoint(path) or is_image_checkpoint(path / "final")
+    return is_image_checkpoint(final_folder(Path(checkpoint)))
 
 
 def _convert_long(args) -> int:

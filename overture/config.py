@@ -287,8 +287,7 @@ class Recipe:
 
         recipe = copy.deepcopy(self)
         cfg = recipe.train
-        batches = examples // (cfg.batch_size * processes)
-        per_epoch = max(1, batches // cfg.gradient_accumulation_steps)
+        per_epoch = self.steps_per_epoch(examples, processes)
         if cfg.epochs is not None:
             cfg.max_steps = max(1, math.ceil(cfg.epochs * per_epoch))
         if cfg.interval_unit == "epochs":
@@ -297,6 +296,13 @@ class Recipe:
         if cfg.warmup_steps == 0 and cfg.warmup_ratio:
             cfg.warmup_steps = math.ceil(cfg.warmup_ratio * recipe.total_steps)
         return recipe
+
+    def steps_per_epoch(self, examples: int, processes: int) -> int:
+        """Optimizer steps in one pass over ``examples`` on ``processes`` processes (the
+        last incomplete batch dropped), at least 1."""
+        cfg = self.train
+        batches = examples // (cfg.batch_size * processes)
+        return max(1, batches // cfg.gradient_accumulation_steps)
 
     def to_dict(self) -> dict[str, Any]:
         tree = dataclasses.asdict(self)

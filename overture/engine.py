@@ -576,7 +576,8 @@ class Interval:
         record = {"split": "train", "step": state.step, **metrics, "lr": lr,
                   f"{unit}_per_s": per_s, "tflops": tflops, f"{unit}_seen": state.units_seen,
                   "data_wait_fraction": min(waiting, 1.0),
-                  "seq_len": phase.max_seq_len, "nonfinite_steps": state.nonfinite_steps,
+                  **({"seq_len": phase.max_seq_len} if phase.max_seq_len else {}),
+                  "nonfinite_steps": state.nonfinite_steps,
                   "scaler_skipped_steps": state.scaler_skipped_steps}
         if peak_tflops:
             record["mfu"] = tflops / (peak_tflops * self.accelerator.num_processes)
@@ -610,7 +611,7 @@ def _train_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
     if len(dataset) < per_step:
         raise ConfigError(f"only {len(dataset)} training examples, fewer than one batch "
                           f"(train.batch_size={phase.batch_size} x {accelerator.num_processes} "
-                          "processes): use a larger corpus or a smaller batch")
+                          "processes): use more data or a smaller batch")
     lengths = None
     if recipe.train.group_by_length:
         if "length" not in dataset.column_names:

@@ -205,3 +205,26 @@ def test_training_loader_pins_memory_on_cuda_and_keeps_its_workers(make_recipe, 
                                          recipe, Accelerator(cpu=True))
         assert loader.pin_memory is cuda
         assert loader.persistent_workers and loader.num_workers == 2
+
+
+def test_dynamic_masks_in_loader_workers_follow_the_epoch(tmp_path, cache_dir, real_text):
+    """RoBERTa's dynamic masks are drawn per (epoch, example): two persistent loader
+    workers give the in-process losses across an epoch boundary."""
+    from helpers import prepare, tiny
+
+    corpus = tmp_path / "small.txt"
+    corpus.write_text(real_text.read_text(encoding="utf-8")[:8_000], encoding="utf-8")
+    base = ("train.batch_size=4", "data.max_seq_len=32", "train.log_every=1",
+            "train.eval_every=0", "train.save_every=0")
+    per_epoch = len(prepare(tiny("roberta", "unused", tmp_path / "cache", corpus,
+                                 *base)).train) // 4
+    losses = {}
+    for workers in (0, 2):
+        run = tmp_path / f"workers-{workers}"
+        train(tiny("roberta", run, tmp_path / "cache", corpus, *base,
+                   f"train.max_steps={per_epoch + 3}", f"train.num_workers={workers}"),
+              progress=False)
+        losses[workers] = {s: r["loss"] for s, r in records(run).items()}
+    assert per_epoch >= 2 and sorted(losses[2]) == list(range(1, per_epoch + 4))
+    for step, loss in losses[0].items():
+        assert abs(losses[2][step] - loss) < 1e-5, step

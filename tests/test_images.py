@@ -418,6 +418,12 @@ def test_features_command_embeds_a_folder_of_images(digits_run, tmp_path, capsys
     assert main([*args, "--output", str(tmp_path / "g.npy"), "--pooling", "cls"]) == 2
     assert "--pooling" in _one_line_error(capsys)
     assert not (tmp_path / "g.npy").exists()
+    # a .txt list of images (relative to the list's folder), in its order
+    listing = folder / "list.txt"
+    listing.write_text("more/4.png\n0.png\n")
+    assert main(["features", "--checkpoint", str(digits_run), "--input", str(listing),
+                 "--output", str(tmp_path / "l.npy")]) == 0
+    assert np.allclose(np.load(tmp_path / "l.npy"), expected[[4, 0]], atol=1e-5)
 
 
 # --------------------------------------------------------------------------- transfer
@@ -458,6 +464,8 @@ def test_finetune_images_trains_a_new_classifier_with_the_backbone_frozen_first(
              for s in (1, 6, 7, 12)}
     for s in (1, 6):  # the first epoch: the digits backbone, untouched
         assert all(torch.equal(steps[s][n], source[n]) for n in backbone), s
+    # ... its weights; its BatchNorm statistics adapt (the layers are in training mode)
+    assert not torch.equal(steps[6]["bn1.running_mean"], source["bn1.running_mean"])
     assert not torch.equal(steps[1]["fc.weight"], steps[6]["fc.weight"])  # the head learns
     for s in (7, 12):  # then everything trains
         assert not all(torch.equal(steps[s][n], source[n]) for n in backbone), s

@@ -69,9 +69,7 @@ class ImageModelConfig:
         """model.init_from when it is a folder (a run folder: its final/)."""
         if not self.init_from:
             return None
-        source = Path(self.init_from).expanduser()
-        if (source / "final" / "config.json").is_file():
-            return source / "final"
+        source = image_models.final_folder(Path(self.init_from))
         return source if source.is_dir() else None
 
     def position_limit(self) -> tuple[str, int]:
@@ -120,8 +118,6 @@ def validate_transform_settings(objective) -> None:
                               " e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0") from None
 
 
-
-
 class ImageFamily:
     """Shared half of the image objectives (subclasses add the loss and the collator)."""
 
@@ -130,6 +126,8 @@ class ImageFamily:
     unit: ClassVar[str] = "images"
     auto_class: ClassVar[str | None] = None  # loads with timm / torchvision, not transformers
     labelled: ClassVar[bool] = True
+    views: ClassVar[int] = 1
+    """Views of each image in a batch (SimCLR: 2), for the FLOPs per image."""
     tokenizer = None  # no vocabulary
 
     def __init__(self, recipe):
@@ -242,10 +240,10 @@ class ImageFamily:
                 self._flops = 0.0
         return self._flops
 
-    views: ClassVar[int] = 1
-
     def export_model(self, model: nn.Module, state: dict, folder: Path,
                      num_classes: int) -> None:
+        """final/ of ``model`` with the weights ``state``, in its library's format, with
+        the class names and the evaluation preprocessing (pretrained_cfg)."""
         obj, data = self.recipe.objective, self.recipe.data
         name, args = self.architecture()
         image_models.export(model, state, folder, name, args, num_classes, self.class_names,
@@ -265,11 +263,10 @@ class ImageFamily:
         """Optimizer steps in one pass over the training images on this launch."""
         from overture.launch import world_size
 
-        cfg = self.recipe.train
         examples = (self.stats or {}).get("train_examples", 0)
-        return max(1, examples // (cfg.batch_size * world_size())
-                   // cfg.gradient_accumulation_steps)
+        return self.recipe.steps_per_epoch(examples, world_size())
 
 
 def ceil_steps(epochs: float, per_epoch: int) -> int:
+    """Optimizer steps in ``epochs`` (a fraction counts as a started step)."""
     return math.ceil(epochs * per_epoch) if epochs else 0

@@ -15,7 +15,7 @@ from overture.config import ConfigError
 
 from . import models as image_models
 from .data import IMAGE_SUFFIXES, decode, decode_row
-from .transforms import Augment
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, Augment
 
 
 class ImageEncoder:
@@ -23,9 +23,7 @@ class ImageEncoder:
 
     def __init__(self, checkpoint: str | Path, device: str | None = None,
                  random_init: bool = False, seed: int = 0):
-        folder = Path(checkpoint).expanduser()
-        if (folder / "final" / "config.json").is_file():
-            folder = folder / "final"
+        folder = image_models.final_folder(Path(checkpoint))
         if not image_models.is_image_checkpoint(folder):
             raise ConfigError(f"--checkpoint {checkpoint}: not an image checkpoint (a final/ "
                               "folder of the image or simclr family, or a timm folder)")
@@ -40,8 +38,8 @@ class ImageEncoder:
         size = int(cfg.get("input_size", [3, 224, 224])[-1])
         self.transform = Augment(image_size=size, crop_pct=float(cfg.get("crop_pct", 0.875)),
                                  interpolation=cfg.get("interpolation", "bilinear"),
-                                 mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-                                 std=tuple(cfg.get("std", (0.229, 0.224, 0.225)))).eval()
+                                 mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
+                                 std=tuple(cfg.get("std", IMAGENET_STD))).eval()
         self.image_size = size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()

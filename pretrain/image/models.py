@@ -201,6 +201,12 @@ def _jsonable(args: dict) -> dict:
     return json.loads(json.dumps(args or {}))
 
 
+def final_folder(path: Path) -> Path:
+    """``path``, or its final/ when it is a run folder holding one."""
+    path = Path(path).expanduser()
+    return path / "final" if (path / "final" / "config.json").is_file() else path
+
+
 def is_image_checkpoint(folder: Path) -> bool:
     """True for a folder whose config.json is a timm / torchvision image model's."""
     config = Path(folder) / "config.json"

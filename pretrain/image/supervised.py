@@ -154,6 +154,7 @@ class ClassifyImages(ImageFamily):
         return [self.ema]
 
     def after_update(self, update: Update, step: int) -> None:
+        """The EMA takes the weights of this optimizer step."""
         if self.ema is not None:
             self.ema.update(self._model, step=step + 1)
 

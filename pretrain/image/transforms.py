@@ -106,11 +106,10 @@ class ImageCollator:
                                                     columns["height"], columns["width"])]
         labels = torch.tensor(columns["label"], dtype=torch.long)
         if self.epoch < 0:
-            batch = {"images": self._layout(torch.stack([self._eval(im) for im in images])),
-                     "labels": labels}
             if self.views == 2:  # held-out views: augmented, but the same at every evaluation
-                batch.update(self._views(images, indices))
-            return batch
+                return {**self._views(images, indices), "labels": labels}
+            return {"images": self._layout(torch.stack([self._eval(im) for im in images])),
+                    "labels": labels}
         if self.views == 2:
             return {**self._views(images, indices), "labels": labels}
         out = []
