@@ -260,7 +260,7 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
             train_loader, sampler = _train_loader(data.train, collator, phase, recipe, accelerator)
             eval_loader = _eval_loader(data.eval, objective.collator(phase), phase, recipe,
                                        accelerator)
-            micro_batches = _micro_batches(train_loader, sampler, collator, state, accelerator)
+            micro_batches = _micro_batches(train_loader, sampler, state, accelerator)
             if state.step == 0 and cfg.eval_every:  # the untrained baseline (no RNG drawn)
                 _log({"split": "eval", "step": 0,
                       **evaluate(trainer, eval_loader, accelerator)},
@@ -450,7 +450,7 @@ def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg
     units = torch.stack([torch.as_tensor(objective.count_units(b)) for b in batches]).sum()
     return {**sums, **{f"{h}_count": counts[h].float() for h in heads},
             "units": units.float().to(accelerator.device),
-            "data_seconds": torch.tensor(waited, device=accelerator.device),
+            "data_seconds": waited,  # a host float: no device copy per step
             "nonfinite": nonfinite, "scaler_skipped": scaler_skipped}
 
 
@@ -550,20 +550,25 @@ class Interval:
         for key, value in stats.items():
             self.totals[key] = self.totals.get(key, 0) + value
 
+    def _stacked(self, keys: list[str]) -> torch.Tensor:
+        """The totals of ``keys`` as one tensor on the device (some are host floats)."""
+        device = self.accelerator.device
+        return torch.stack([torch.as_tensor(self.totals[k], device=device).float()
+                            for k in keys])
+
     def snapshot(self) -> dict | None:
         """The sums so far, reduced over processes (every process must call this)."""
         if not self.totals:
             return None
         keys = sorted(self.totals)
-        values = self.accelerator.reduce(torch.stack([torch.as_tensor(self.totals[k]).float()
-                                                      for k in keys]), "sum")
+        values = self.accelerator.reduce(self._stacked(keys), "sum")
         return {"totals": dict(zip(keys, values.tolist())),
                 "seconds": time.perf_counter() - self.started}
 
     def flush(self, state: TrainState, lr: float, peak_tflops: float | None,
               phase: Phase) -> dict[str, float]:
         keys = sorted(self.totals)
-        values = self.accelerator.reduce(torch.stack([self.totals[k] for k in keys]), "sum")
+        values = self.accelerator.reduce(self._stacked(keys), "sum")
         t = dict(zip(keys, values.tolist()))
         heads = self.objective.heads
         metrics = self.objective.summarize(t, {h: t[f"{h}_count"] for h in heads})
@@ -659,11 +664,11 @@ def _eval_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
     return accelerator.prepare(loader)
 
 
-def _micro_batches(loader, sampler: EpochSampler, collator, state: TrainState,
+def _micro_batches(loader, sampler: EpochSampler, state: TrainState,
                    accelerator) -> Iterator[dict]:
-    """Endless stream of micro-batches that keeps ``state`` at the data position."""
+    """Endless stream of micro-batches that keeps ``state`` at the data position (each
+    batch tells the collator its epoch: EpochCollate)."""
     while True:
-        collator.set_epoch(state.epoch)
         # resume mid-epoch: skip the batches this epoch already consumed (not replayed)
         epoch_loader = (accelerator.skip_first_batches(loader, state.batch_in_epoch)
                         if state.batch_in_epoch else loader)

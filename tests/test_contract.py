@@ -283,7 +283,7 @@ def _image_final_reloads(objective, recipe, run, tmp_path):
               + build + textwrap.dedent(f"""
         model.eval()
         with torch.no_grad():
-            out = model(torch.load({str(tmp_path / "images.pt")!r}))
+            out = model(torch.load({str(tmp_path / "images.pt")!r}, weights_only=True))
         assert not any(m.startswith("overture") for m in sys.modules)
         json.dump({{"out": out.tolist(), "labels": config.get("label_names")}}, sys.stdout)
     """))

@@ -196,7 +196,7 @@ def _stream(monkeypatch, recipe, rank: int, world: int, steps: int, skip: int = 
         def stream(state):
             loader, sampler = engine._train_loader(_Examples(203), collator, phase, recipe,
                                                    accelerator)
-            return engine._micro_batches(loader, sampler, collator, state, accelerator)
+            return engine._micro_batches(loader, sampler, state, accelerator)
 
         state = engine.TrainState()
         batches = stream(state)

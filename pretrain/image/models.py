@@ -15,6 +15,7 @@ head, and final/ in each library's own format.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -43,8 +44,7 @@ def sized_args(name: str, args: dict, image_size: int) -> dict:
     if library == "timm":
         import timm
 
-        if ("img_size" not in args and timm.is_model(arch)
-                and _takes(timm.models.model_entrypoint(arch), "img_size")):
+        if "img_size" not in args and timm.is_model(arch) and _takes_img_size(arch):
             args["img_size"] = image_size
     elif arch.startswith("vit_"):
         args.setdefault("image_size", image_size)
@@ -77,16 +77,20 @@ def create(name: str, num_classes: int, args: dict | None = None) -> nn.Module:
                           f"build it ({message})") from None
 
 
-def _takes(builder, keyword: str) -> bool:
-    """True when a timm entrypoint's model class accepts ``keyword`` (ViTs: img_size)."""
+@functools.lru_cache(maxsize=None)
+def _takes_img_size(arch: str) -> bool:
+    """True when the class of timm model ``arch`` accepts ``img_size`` (ViTs and the
+    like); its entrypoint is built once on the meta device to find the class."""
     import inspect
+
+    import timm
 
     try:
         with torch.device("meta"):
-            model = builder(pretrained=False)
+            model = timm.models.model_entrypoint(arch)(pretrained=False)
     except Exception:  # noqa: BLE001  (an entrypoint that needs arguments)
         return False
-    return keyword in inspect.signature(type(model).__init__).parameters
+    return "img_size" in inspect.signature(type(model).__init__).parameters
 
 
 def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
