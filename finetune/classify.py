@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from overture.atomic import COMPLETE, fresh_tmp_dir, publish_dir
-from overture.config import ConfigError, Phase, choice, fraction
+from overture.config import Phase, choice, fraction
+from overture.errors import ConfigError, first_line
 from overture.data.prepare import PreparedData, pad_rows
 from overture.data.tokenizer import tokenizer_fingerprint
 from overture.objective import Update
@@ -142,10 +143,11 @@ class Classify:
     auto_class: ClassVar[str] = "AutoModelForSequenceClassification"
 
     def __init__(self, recipe):
-        from overture.generate import resolve_checkpoint
+        from overture.hub import resolve_checkpoint
 
         self.recipe = recipe
         obj = recipe.objective
+        refuse_image_checkpoint(obj.checkpoint, "objective.checkpoint")
         self.source = load_task(obj.task, obj.data_dir, obj.hub_dataset, obj.skip_bad_rows)
         self.task = self.source.task
         if self.task.predict_with:
@@ -164,15 +166,23 @@ class Classify:
 
     # ------------------------------------------------------------------ data
     def load_tokenizer(self):
-        """The checkpoint's tokenizer, once."""
+        """The checkpoint's tokenizer, once. One without a padding token (GPT-2 style)
+        pads with its end-of-text token, which final/ saves as its pad token so that the
+        exported classifier takes padded batches in plain transformers."""
         if self.tokenizer is None:
             from transformers import AutoTokenizer
 
+            from overture.hub import quiet_transformers
+
             try:
-                self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
-            except (OSError, ValueError) as err:
+                with quiet_transformers():
+                    tok = AutoTokenizer.from_pretrained(self.checkpoint)
+            except (OSError, ValueError, KeyError, TypeError) as err:
                 raise ConfigError(f"objective.checkpoint={self.recipe.objective.checkpoint!r}:"
-                                  f" cannot load its tokenizer ({str(err).splitlines()[0]})")
+                                  f" cannot load its tokenizer ({first_line(err)})") from None
+            if tok.pad_token is None and tok.eos_token is not None:
+                tok.pad_token = tok.eos_token
+            self.tokenizer = tok
         return self.tokenizer
 
     def max_length(self) -> int:
@@ -288,17 +298,23 @@ class Classify:
                               else "single_label_classification"))
         except (OSError, ValueError) as err:
             raise ConfigError(f"objective.checkpoint={self.recipe.objective.checkpoint!r}: "
-                              f"cannot load it ({str(err).splitlines()[0]})") from err
+                              f"cannot load it ({first_line(err)})") from err
         if self.recipe.model.classifier_dropout is not None:
             config.classifier_dropout = self.recipe.model.classifier_dropout
         if config.pad_token_id is None:  # GPT-style classifiers find the last real token
-            config.pad_token_id = self.tokenizer.pad_token_id
+            config.pad_token_id = self.load_tokenizer().pad_token_id
         meta = torch.empty(0).device.type == "meta"  # size estimates: no weights to read
         if self.recipe.objective.init == "random" or meta:
             model = AutoModelForSequenceClassification.from_config(config)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(self.checkpoint,
-                                                                       config=config)
+            from overture.hub import load_pretrained
+
+            try:  # one INFO line ("cls.* unused; classifier.* new"), not the LOAD REPORT
+                model = load_pretrained(AutoModelForSequenceClassification, self.checkpoint,
+                                        config=config)
+            except OSError as err:  # no weights file, or an unreadable one
+                raise ConfigError(f"objective.checkpoint={self.recipe.objective.checkpoint!r}:"
+                                  f" cannot load its weights ({first_line(err)})") from None
         return {"model": ClassifierModule(model, task.is_regression)}
 
     def frozen_models(self) -> dict[str, nn.Module]:
@@ -360,6 +376,17 @@ class Classify:
         state = {k.removeprefix("model."): v for k, v in state_dicts["model"].items()}
         models["model"].model.save_pretrained(folder, state_dict=state, safe_serialization=True)
         self.load_tokenizer().save_pretrained(folder)
+
+
+def refuse_image_checkpoint(checkpoint: str, option: str) -> None:
+    """An image (timm / torchvision) checkpoint is fine-tuned on images, not on a task:
+    say so at once (it has no tokenizer to load)."""
+    from overture.pretrain.image.models import final_folder, is_image_checkpoint
+
+    if is_image_checkpoint(final_folder(Path(str(checkpoint)))):
+        raise ConfigError(f"{option} {checkpoint}: an image checkpoint (timm / torchvision) "
+                          "has no tokenizer; fine-tune it on labelled images with "
+                          "--images DIR instead of --task")
 
 
 def score_splits(task: Task, predictions, references, splits) -> dict[str, float]:

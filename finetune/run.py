@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from overture.atomic import write_text_atomic
-from overture.config import ConfigError, Recipe, load_recipe
+from overture.config import ConfigError, Recipe, load_recipe, parse_overrides
 from overture.data.prepare import IndexedDataset
-from overture.finetune.classify import ClassifierModule, score_splits
+from overture.finetune.classify import (ClassifierModule, refuse_image_checkpoint,
+                                         score_splits)
 from overture.tasks import SCORED, get_task, load_task
 from overture.tasks.metrics import glue_score
 from overture.tasks.submission import prediction_strings, write_submission
@@ -26,17 +27,33 @@ BASE_RECIPE = "glue-finetune"
 def finetune_recipe(checkpoint: str, task: str, data_dir: str | None = None,
                     seed: int | None = None, overrides: list[str] | None = None) -> Recipe:
     """The fine-tuning recipe: glue-finetune's defaults, the task's epochs, then the
-    user's KEY=VALUE overrides (which win)."""
+    user's KEY=VALUE overrides (which win). A ``train.max_steps`` given by the user wins
+    over the epochs (as in ``transformers.Trainer``); giving both is an error."""
+    refuse_image_checkpoint(checkpoint, "--checkpoint")
     source = load_task(task, data_dir)
     name = source.task.name
     base = [f"objective.checkpoint={checkpoint}", f"objective.task={task}",
-            f"train.epochs={source.task.epochs}", f"output_dir=runs/finetune/{name}",
-            f"name=finetune-{name}"]
+            f"train.epochs={_epochs(overrides or [], source.task.epochs)}",
+            f"output_dir=runs/finetune/{name}", f"name=finetune-{name}"]
     if data_dir:
         base.append(f"objective.data_dir={data_dir}")
     if seed is not None:
         base.append(f"train.seed={seed}")
     return load_recipe(BASE_RECIPE, [*base, *(overrides or [])])
+
+
+def _epochs(overrides: list[str], default) -> object:
+    """The epochs the recipe starts from: the task's default, or null when the user gives
+    ``train.max_steps`` or phases (their steps decide). ``train.max_steps`` and a
+    ``train.epochs`` that is not null, both given, contradict each other."""
+    given = parse_overrides(overrides)
+    steps = [k for k in given if k == "train.max_steps" or k.split(".")[0] == "phases"]
+    if not steps:
+        return default
+    if given.get("train.epochs", (None, None))[1] is not None:
+        raise ConfigError(f"{steps[0]} and {given['train.epochs'][0]} both set the length "
+                          "of training; give one of them (or train.epochs=null)")
+    return "null"
 
 
 def finetune(recipe: Recipe, progress: bool = True) -> dict:
@@ -85,7 +102,9 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict:
 def _load_classifier(folder: Path):
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    from overture.hub import load_pretrained
+
+    return load_pretrained(AutoModelForSequenceClassification, str(folder)).eval()
 
 
 def _predict(model, objective, dataset, recipe):

@@ -18,6 +18,7 @@ from pathlib import Path
 from .atomic import COMPLETE, fresh_tmp_dir, publish_dir
 from .config import ConfigError, Recipe
 from .errors import SaveFailed
+from .hub import quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,8 @@ def save_checkpoint(accelerator, recipe: Recipe, step: int, train_state: dict) -
             # Accelerate creates it on the main process only (a race otherwise)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        with _tied_weights_saved_once():
+            accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=2))
@@ -175,6 +177,25 @@ def _prune(run_dir: Path, step: int, keep_last: int) -> None:
     earlier = [p for p in found if p not in later]
     for old in later + earlier[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class _DropSharedTensorNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _tied_weights_saved_once():
+    """Without Accelerate's "Removed shared tensor {...decoder.weight...} while saving.
+    This should be OK, but check..." at every save: tied weights (a masked-LM decoder and
+    the word embeddings, GPT's LM head) are one tensor, stored once in safetensors, and
+    tied again when the checkpoint loads (the resume tests check the round trip)."""
+    logger, note = logging.getLogger("accelerate.utils.other"), _DropSharedTensorNote()
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
 
 
 @contextlib.contextmanager
@@ -220,7 +241,8 @@ def export_final(accelerator, recipe: Recipe, objective, models: dict,
         with _save_errors(final, tmp, recipe):
             tmp = fresh_tmp_dir(final)
             unwrapped = {name: accelerator.unwrap_model(m) for name, m in models.items()}
-            objective.export(unwrapped, state_dicts, tmp)
+            with quiet_transformers(progress_bars=False):  # no "Writing model shards" bar
+                objective.export(unwrapped, state_dicts, tmp)
             (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
             publish_dir(tmp, final)
     accelerator.wait_for_everyone()

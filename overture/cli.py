@@ -17,7 +17,7 @@ import os
 import sys
 
 from .config import ConfigError, bundled_recipes, load_recipe
-from .errors import Interrupted, RunError
+from .errors import Interrupted, RunError, one_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,21 +42,28 @@ def _main(argv: list[str] | None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(f"interrupted: {err}", file=sys.stderr)
+        print(f"interrupted: {one_line(err)}", file=sys.stderr)
         return err.exit_code
     except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # before training started: nothing to save
         print("interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (no usage block before them)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="overture", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="overture", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="train a recipe (resumes from the latest checkpoint)")
@@ -327,12 +334,15 @@ def _probe(args) -> int:
 def _features(args) -> int:
     from pathlib import Path
 
-    from .features import OUTPUT_FORMATS, load, read_texts, write_features
+    from .features import (OUTPUT_FORMATS, check_arguments, check_checkpoint, load,
+                           read_texts, write_features)
 
     try:
         layers = [int(x) for x in str(args.layer).split(",")]
     except ValueError:
         raise ConfigError(f"--layer={args.layer!r}: give integers, e.g. -1 or -4,-3,-2,-1")
+    # every check that needs no model comes before it loads: an error is one line
+    check_arguments(args.pooling, args.batch_size, args.max_length)
     output = Path(args.output)
     if output.suffix.lower() not in OUTPUT_FORMATS:  # before the work, not after
         raise ConfigError(f"--output {output}: use one of {', '.join(OUTPUT_FORMATS)}")
@@ -341,7 +351,7 @@ def _features(args) -> int:
     if _is_image_checkpoint(args.checkpoint):
         from .pretrain.image.features import ImageEncoder, list_images
 
-        if args.layer != "-1" or args.pooling != "mean" or args.max_length:
+        if args.layer != "-1" or args.pooling != "mean" or args.max_length is not None:
             raise ConfigError("--layer, --pooling and --max-length are for text checkpoints; "
                               "an image checkpoint gives its pooled features")
         files = list_images(Path(args.input))
@@ -353,6 +363,7 @@ def _features(args) -> int:
         raise ConfigError(f"--input {args.input} is a folder, which needs an image checkpoint; "
                           f"--checkpoint {args.checkpoint} is not one (no config.json of a "
                           "timm / torchvision model there or in its final/)")
+    check_checkpoint(args.checkpoint, args.max_length, layers)  # its config, no weights
     ids, texts = read_texts(Path(args.input), args.column, args.id_column)
     encoder = load(args.checkpoint, max_length=args.max_length)
     embeddings = encoder.encode(texts, pooling=args.pooling, layer=layers,

@@ -19,8 +19,7 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
-    """A recipe or override is invalid; the message names the key and what to do."""
+from .errors import ConfigError  # noqa: F401 - re-exported: overture.config.ConfigError
 
 
 TOKENIZER_KINDS = ("wordpiece", "bpe", "unigram")
@@ -260,8 +259,10 @@ class Recipe:
         key, limit = self.model.position_limit()
         for i, phase in enumerate(self.resolved_phases()):
             if phase.max_seq_len is not None and phase.max_seq_len > limit:
-                raise ConfigError(f"phase {i} max_seq_len={phase.max_seq_len} exceeds "
-                                  f"model.{key}={limit}")
+                # the key that set it, so that the error names where it came from
+                name = (f"phases[{i}].max_seq_len" if self.phases and self.phases[i].max_seq_len
+                        else "data.max_seq_len")
+                raise ConfigError(f"{name}={phase.max_seq_len} exceeds model.{key}={limit}")
 
     def resolved_phases(self) -> list[Phase]:
         """The phases with every field filled in (one phase when none are given)."""
@@ -319,20 +320,66 @@ class Recipe:
 
 def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
     """Load a recipe from a YAML path or a bundled recipe name, apply KEY=VALUE overrides
-    (dotted paths, values parsed as YAML scalars) and validate it."""
+    (dotted paths, values parsed as YAML scalars) and validate it. An error in a key or
+    value that an override set names the override, not the file."""
     path = resolve_recipe_path(source)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
-    for item in overrides or []:
+    given = parse_overrides(overrides or [])
+    for key, (item, value) in given.items():
+        _set_dotted(raw, key, value, item)
+    return recipe_from_dict(raw, where=Where(str(path), {k: v[0] for k, v in given.items()}))
+
+
+def parse_overrides(items: list[str]) -> dict[str, tuple[str, Any]]:
+    """KEY=VALUE overrides -> {dotted key: (the item as given, its value parsed as YAML)},
+    in order; a later item for the same key wins."""
+    given: dict[str, tuple[str, Any]] = {}
+    for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.max_steps=50)")
-        _set_dotted(raw, key.strip(), _parse_scalar(value))
-    return recipe_from_dict(raw, where=str(path))
+        given.pop(key.strip(), None)
+        given[key.strip()] = (item, _parse_scalar(value))
+    return given
+
+
+class Where(str):
+    """Where a recipe's values come from, for error messages: the file, except for the
+    keys that command-line overrides set (``overrides``: dotted key -> "KEY=VALUE")."""
+
+    overrides: dict[str, str]
+
+    def __new__(cls, file: str, overrides: dict[str, str] | None = None):
+        where = super().__new__(cls, file)
+        where.overrides = overrides or {}
+        return where
+
+    def of(self, dotted: str) -> str:
+        """The file, or "command-line override KEY=VALUE" when an override set ``dotted``
+        (or a key inside it, or the section holding it)."""
+        for key, item in self.overrides.items():
+            if key == dotted or key.startswith(dotted + ".") or dotted.startswith(
+                    (key + ".", key + "[")):
+                return f"command-line override {item!r} (recipe {self})"
+        return str(self)
+
+
+def _where(where: str, dotted: str) -> str:
+    return where.of(dotted) if isinstance(where, Where) else where
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message (context, snippet, caret) as one line with its place."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return at + problem + (f" ({context})" if context else "")
 
 
 def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
@@ -342,12 +389,14 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
 
     objective = raw.get("objective") or {}
     if not isinstance(objective, dict):
-        raise ConfigError(f"{where}: objective must be a mapping, got {objective!r}")
+        raise ConfigError(f"{_where(where, 'objective')}: objective must be a mapping, "
+                          f"got {objective!r}")
     family = get_family(objective.get("name", "bert"))
     data_config = getattr(family, "data_config", DataConfig)
     if data_config is not DataConfig and "tokenizer" in raw:
-        raise ConfigError(f"{where}: objective.name={objective.get('name')!r} trains on images "
-                          "and has no tokenizer; remove the tokenizer section or overrides")
+        raise ConfigError(f"{_where(where, 'tokenizer')}: objective.name="
+                          f"{objective.get('name')!r} trains on images and has no tokenizer; "
+                          "remove the tokenizer section or overrides")
     recipe = from_dict(Recipe, raw, where=where,
                        types={"model": family.model_config,
                               "objective": family.objective_config, "data": data_config})
@@ -357,8 +406,9 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
         recipe.data = data_config()
     try:
         recipe.validate()
-    except ConfigError as err:  # validate() knows the key; say which file it is in
-        raise ConfigError(f"{where}: {err}") from None
+    except ConfigError as err:  # validate() knows the key; say where its value came from
+        key = str(err).split("=", 1)[0].split(" ")[0]
+        raise ConfigError(f"{_where(where, key)}: {err}") from None
     return recipe
 
 
@@ -392,7 +442,7 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict, dotted: str, value: Any, item: str) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -400,7 +450,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: {part!r} is not a section")
+            raise ConfigError(f"command-line override {item!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -413,7 +463,8 @@ def from_dict(cls: type, data: Any, where: str, prefix: str = "",
     ``types`` overrides the declared type of some fields (the family's sections).
     """
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {prefix or 'recipe'} must be a mapping, got {data!r}")
+        raise ConfigError(f"{_where(where, prefix.rstrip('.'))}: {prefix.rstrip('.') or 'recipe'} "
+                          f"must be a mapping, got {data!r}")
     hints = {**typing.get_type_hints(cls), **(types or {})}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -422,7 +473,7 @@ def from_dict(cls: type, data: Any, where: str, prefix: str = "",
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-            raise ConfigError(f"{where}: unknown key {dotted!r}{hint} "
+            raise ConfigError(f"{_where(where, dotted)}: unknown key {dotted!r}{hint} "
                               f"(valid keys here: {', '.join(fields)})")
         kwargs[key] = _coerce(hints[key], value, where, dotted)
     return cls(**kwargs)
@@ -442,7 +493,7 @@ def _coerce(tp: Any, value: Any, where: str, dotted: str) -> Any:
         if isinstance(value, (str, dict)) or not isinstance(value, list):
             value = [value] if isinstance(value, (str, dict)) else value
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: {dotted} must be a list, got {value!r}")
+            raise ConfigError(f"{_where(where, dotted)}: {dotted} must be a list, got {value!r}")
         return [_coerce(args[0], v, where, f"{dotted}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -452,10 +503,10 @@ def _coerce(tp: Any, value: Any, where: str, dotted: str) -> Any:
         except ValueError:
             pass
     if origin is dict and not isinstance(value, dict):
-        raise ConfigError(f"{where}: {dotted} must be a mapping, got {value!r}")
+        raise ConfigError(f"{_where(where, dotted)}: {dotted} must be a mapping, got {value!r}")
     if tp in (int, float, str, bool) and not (isinstance(value, tp)
                                               and not (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"{where}: {dotted} must be {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{_where(where, dotted)}: {dotted} must be {tp.__name__}, got {value!r}")
     return value
 
 

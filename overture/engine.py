@@ -10,7 +10,6 @@ imports no family.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ from .config import ConfigError, Phase, Recipe
 from .data.prepare import IndexedDataset
 from .errors import Interrupted, NonFiniteLoss
 from .launch import configure_accelerator, world_size
+from .metrics_log import MetricsLog
 from .objective import Objective, Update
 from .optim import build_optimizer, build_scheduler
 from .registry import build_objective
@@ -229,7 +229,8 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
         _resume_layout(state, recipe, phases, accelerator)
         _apply_lr(trainer, cfg.lr)  # a changed train.lr is allowed and takes effect
         log.info("resumed from %s at step %d", resume_from, state.step)
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl") if is_main else None
+    # an existing log is cut back to its complete records up to the step resumed from
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", state.step) if is_main else None
     if cfg.report_to:
         # trackers take scalars only
         accelerator.init_trackers(recipe.name, config={
@@ -260,8 +261,16 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
             train_loader, sampler = _train_loader(data.train, collator, phase, recipe, accelerator)
             eval_loader = _eval_loader(data.eval, objective.collator(phase), phase, recipe,
                                        accelerator)
+            if len(data.eval) == 0:  # said once; evaluate() would return nothing
+                eval_loader = None
+                if is_main:
+                    where = f" in phase {phase_index}" if len(phases) > 1 else ""
+                    log.warning("0 held-out examples%s (data.eval_fraction=%s): no "
+                                "evaluation is run, the final one included", where,
+                                getattr(recipe.data, "eval_fraction", None))
             micro_batches = _micro_batches(train_loader, sampler, state, accelerator)
-            if state.step == 0 and cfg.eval_every:  # the untrained baseline (no RNG drawn)
+            if state.step == 0 and cfg.eval_every and eval_loader is not None:
+                # the untrained baseline (no RNG drawn)
                 _log({"split": "eval", "step": 0,
                       **evaluate(trainer, eval_loader, accelerator)},
                      metrics_log, accelerator, 0)
@@ -286,7 +295,8 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
                     bar.set_postfix({"loss": f"{record['loss']:.3f}",
                                      f"{unit}/s": f"{record[f'{unit}_per_s']:,.0f}"})
                     _log(record, metrics_log, accelerator, state.step)
-                eval_due = cfg.eval_every and state.step % cfg.eval_every == 0
+                eval_due = (cfg.eval_every and state.step % cfg.eval_every == 0
+                            and eval_loader is not None)
                 if eval_due and state.step < total_steps:
                     metrics = evaluate(trainer, eval_loader, accelerator)
                     _log({"split": "eval", "step": state.step, **metrics},
@@ -302,7 +312,6 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
                     state.interval = None
                     saved_step = state.step
                 if signalled:
-                    bar.close()
                     raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} "
                                       f"at step {state.step}; checkpoint saved in "
                                       f"{run_dir / 'checkpoints'}; run the same command again "
@@ -313,9 +322,9 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
                     break
             if out_of_time:
                 break
-    finally:  # also when the loop raises
+    finally:  # also when the loop raises: the bar is closed before the error is printed
         stop.restore()
-    bar.close()
+        bar.close()
 
     # ------------------------------------------------------------------ finish
     units.settle()
@@ -588,17 +597,6 @@ class Interval:
             record["mfu"] = tflops / (peak_tflops * self.accelerator.num_processes)
         self.totals, self.started = {}, time.perf_counter()
         return record
-
-
-class MetricsLog:
-    """Append-only JSONL metrics file in the run folder (one record per line, flushed)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({**record, "time": time.time()}) + "\n")
 
 
 def _log(record: dict, metrics_log: MetricsLog | None, accelerator, step: int) -> None:

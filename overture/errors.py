@@ -1,10 +1,28 @@
 """Ways a run ends early on purpose, each with its exit code (overture/cli.py prints the
-message as one line; no traceback). Bad input is ``overture.config.ConfigError`` (exit 2).
+message as one line; no traceback). Bad input is ``ConfigError`` (exit 2).
 """
 
 from __future__ import annotations
 
 EXIT_NONFINITE = 3
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first non-empty line, for a cause quoted inside our own one-line
+    message (transformers' and PyYAML's messages run to several lines)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def one_line(err: BaseException) -> str:
+    """A whole message as one line (one listing several problems has a line each): what
+    the command line prints, so that stderr's last line is the whole error."""
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
+class ConfigError(ValueError):
+    """Bad input: a recipe, override, option or file is invalid; the message names the
+    key, option, file or line, and what to do (exit code 2)."""
 
 
 class RunError(Exception):

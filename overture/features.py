@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .config import ConfigError
-from .generate import resolve_checkpoint
+from .errors import ConfigError, first_line
+from .hub import load_pretrained, quiet_transformers, resolve_checkpoint
 
 POOLINGS = ("cls", "mean", "max", "pooler")
 OUTPUT_FORMATS = (".npy", ".safetensors", ".parquet")
@@ -29,17 +29,22 @@ class Encoder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        path = resolve_checkpoint(str(checkpoint))
+        path, config = check_checkpoint(checkpoint, max_length)  # before any loading
+        positions = position_limit(config)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModel.from_pretrained(path)
+            with quiet_transformers():
+                self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = load_pretrained(AutoModel, path)
         except (OSError, ValueError) as err:
             raise ConfigError(f"--checkpoint {checkpoint}: cannot load a model and "
-                              f"tokenizer ({str(err).splitlines()[0]})") from err
+                              f"tokenizer ({first_line(err)})") from err
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
-        limit = self.tokenizer.model_max_length
-        self.max_length = max_length or (limit if limit < 1_000_000 else 512)
+        if max_length is None:
+            limit = self.tokenizer.model_max_length
+            limits = [n for n in (positions, limit if limit < 1_000_000 else None) if n]
+            max_length = min(limits) if limits else 512
+        self.max_length = max_length
         if self.tokenizer.pad_token is None:  # GPT-2 style: padding is masked anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -59,16 +64,9 @@ class Encoder:
         import torch
         from tqdm.auto import tqdm
 
-        if pooling not in POOLINGS:
-            raise ConfigError(f"--pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
+        check_arguments(pooling=pooling, batch_size=batch_size)
         layers = [layer] if isinstance(layer, int) else list(layer)
-        count = self.model.config.num_hidden_layers + 1
-        bad = [i for i in layers if not -count <= i < count]
-        if bad or not layers:
-            raise ConfigError(f"--layer {bad or layers}: this model has hidden states 0..{count - 1} "
-                              f"(or -{count}..-1)")
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size={batch_size} must be at least 1")
+        check_layers(layers, self.model.config)
         texts = [str(t) for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -111,6 +109,68 @@ class Encoder:
         return hidden.masked_fill(keep == 0, float("-inf")).max(1).values
 
 
+# model types that number positions from pad_token_id + 1, as RoBERTa does
+PADDING_OFFSET_TYPES = ("roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm",
+                        "camembert", "data2vec-text", "xmod", "ibert", "longformer", "mpnet")
+
+
+def position_limit(config) -> int | None:
+    """The longest input (in tokens) a model's position table holds: its
+    max_position_embeddings, less pad_token_id + 1 for RoBERTa-style models; None when
+    the config gives no such size."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0:
+        return None
+    if config.model_type in PADDING_OFFSET_TYPES:
+        positions -= (config.pad_token_id or 0) + 1
+    return positions
+
+
+def check_arguments(pooling: str = "mean", batch_size: int = 1,
+                    max_length: int | None = None) -> None:
+    """Refuse a bad --pooling, --batch-size or --max-length before any model loads."""
+    if pooling not in POOLINGS:
+        raise ConfigError(f"--pooling={pooling!r} is not one of {', '.join(POOLINGS)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size={batch_size} must be an integer of at least 1")
+    if max_length is not None and (isinstance(max_length, bool)
+                                   or not isinstance(max_length, int) or max_length < 1):
+        raise ConfigError(f"--max-length={max_length} must be a positive integer (leave it "
+                          "out for the model's limit)")
+
+
+def check_layers(layers: Sequence[int], config) -> None:
+    """Refuse hidden-state indices that ``config``'s model does not have."""
+    count = config.num_hidden_layers + 1
+    bad = [i for i in layers if not -count <= i < count]
+    if bad or not layers:
+        raise ConfigError(f"--layer {bad or list(layers)}: this model has hidden states "
+                          f"0..{count - 1} (or -{count}..-1)")
+
+
+def check_checkpoint(checkpoint: str | Path, max_length: int | None = None,
+                     layers: Sequence[int] | None = None):
+    """(path, config) of an encoder checkpoint, read without its weights, after checking
+    ``max_length`` against its positions and ``layers`` against its depth: bad
+    arguments are one line before any model loads."""
+    from transformers import AutoConfig
+
+    check_arguments(max_length=max_length)
+    path = resolve_checkpoint(str(checkpoint))
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--checkpoint {checkpoint}: not a transformers checkpoint "
+                          f"({first_line(err)})") from err
+    positions = position_limit(config)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise ConfigError(f"--max-length={max_length} exceeds the {positions} positions of "
+                          f"--checkpoint {checkpoint}; give at most {positions}")
+    if layers is not None and hasattr(config, "num_hidden_layers"):
+        check_layers(layers, config)
+    return path, config
+
+
 def load(checkpoint: str | Path, device: str | None = None,
          max_length: int | None = None) -> Encoder:
     """An ``Encoder`` for a final/ folder, a run folder holding one, any transformers
@@ -123,24 +183,45 @@ def load(checkpoint: str | Path, device: str | None = None,
 
 def read_texts(path: Path, column: str | None, id_column: str | None
                ) -> tuple[list[str], list[str]]:
-    """(ids, texts) of an input file: .txt one text per line (ids are line numbers),
-    or a column of .csv / .tsv / .jsonl / .parquet (ids from ``id_column`` or the row
-    number)."""
+    """(ids, texts) of an input file: .txt one text per line (ids are the 1-based line
+    numbers; empty lines are skipped and counted), or a column of .csv / .tsv / .jsonl /
+    .parquet (ids from ``id_column``, which every row must have, or the row number)."""
+    from overture.data.corpus import check_text_file
     from overture.tasks.custom import iter_records
 
     if not path.is_file():
         raise ConfigError(f"--input {path}: no such file")
-    if path.suffix.lower() not in (".csv", ".tsv", ".jsonl", ".parquet"):
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        ids, texts = [str(i) for i in range(1, len(lines) + 1)], lines
+    suffix = path.suffix.lower()
+    if suffix != ".parquet":
+        check_text_file(path, "--input")  # UTF-16, binary: refused, not read as garbage
+    if suffix not in (".csv", ".tsv", ".jsonl", ".parquet"):
+        ids, texts, empty = [], [], 0
+        # utf-8-sig: a byte-order mark is not part of the first text; lines end at \n
+        # (or \r\n, \r) only, so that ids are the line numbers an editor shows
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    empty += 1
+                    continue
+                ids.append(str(number))
+                texts.append(line)
+        if empty and texts:
+            print(f"--input {path}: skipped {empty} empty lines (ids are line numbers)",
+                  file=sys.stderr)
     else:
         column = column or "text"
         ids, texts = [], []
         for number, (where, row) in enumerate(iter_records(path), start=1):
+            if not isinstance(row, dict):
+                raise ConfigError(f"{where}: not a JSON object ({type(row).__name__})")
             if row.get(column) is None:
                 raise ConfigError(f"{where}: no field {column!r} (fields: "
                                   f"{', '.join(row)}); choose one with --column")
-            ids.append(str(row[id_column]) if id_column and id_column in row else str(number))
+            if id_column is not None and row.get(id_column) is None:
+                raise ConfigError(f"{where}: no field {id_column!r} (fields: "
+                                  f"{', '.join(row)}); choose the ids with --id-column")
+            ids.append(str(row[id_column]) if id_column is not None else str(number))
             texts.append(str(row[column]))
     if not texts:
         raise ConfigError(f"--input {path}: holds no texts")

@@ -6,18 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .config import ConfigError
-
-
-def resolve_checkpoint(checkpoint: str) -> str:
-    """A final/ folder as given, a run folder's final/, or a Hub name left as is."""
-    path = Path(checkpoint).expanduser()
-    if (path / "final" / "config.json").is_file():
-        return str(path / "final")
-    if path.exists() and not (path / "config.json").is_file():
-        raise ConfigError(f"--checkpoint {checkpoint}: no config.json here nor in "
-                          f"{path / 'final'}; give a run's final/ folder")
-    return str(path)
+from .errors import ConfigError, first_line
+from .hub import load_pretrained, quiet_transformers, resolve_checkpoint
 
 
 def generate(checkpoint: str, prompt: str, max_new_tokens: int = 40,
@@ -25,41 +15,61 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 40,
              seed: int = 0) -> str:
     """The prompt and ``max_new_tokens`` sampled tokens (greedy when temperature is 0).
     A prompt too long for the model keeps its last tokens, with a note on stderr."""
+    import math
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens={max_new_tokens} must be at least 1")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ConfigError(f"--temperature={temperature} must be >= 0, --top-k={top_k} >= 0 "
-                          f"and --top-p={top_p} in (0, 1]")
+    # NaN fails every comparison: test finiteness first, each option on its own
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ConfigError(f"--temperature={temperature} must be a finite number >= 0 "
+                          "(0 decodes greedily)")
+    if not math.isfinite(top_p) or not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p={top_p} must be a finite number in (0, 1]")
+    if top_k < 0:
+        raise ConfigError(f"--top-k={top_k} must be >= 0 (0 disables top-k filtering)")
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    from .pretrain.image.models import final_folder, is_image_checkpoint
+
     path = resolve_checkpoint(checkpoint)
+    if is_image_checkpoint(final_folder(Path(path))):
+        raise ConfigError(f"--checkpoint {checkpoint} is an image checkpoint; generate takes "
+                          "a causal-LM (GPT) checkpoint")
     try:
         config = AutoConfig.from_pretrained(path)
         architecture = (config.architectures or ["?"])[0]
         # Auto would wrap a masked LM's encoder in an untrained LM head: refuse it
         if architecture not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
             raise ValueError(f"its architecture is {architecture}")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"--checkpoint {checkpoint}: not a causal-LM checkpoint "
-                          f"({str(err).splitlines()[0]})") from err
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    if ids.shape[1] == 0:
-        raise ConfigError("--prompt is empty: give at least one word to continue")
-    room = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+                          f"({first_line(err)})") from err
+    # every check before the weights load, so that an error is one line
+    room = getattr(config, "n_positions", None) or config.max_position_embeddings
     if max_new_tokens >= room:
         raise ConfigError(f"--max-new-tokens={max_new_tokens} must be below the model's "
                           f"context of {room} tokens")
+    # overture keeps the end of a long prompt below (and says so): no transformers note
+    with quiet_transformers():
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise ConfigError("--prompt is empty: give at least one word to continue")
     if ids.shape[1] + max_new_tokens > room:
         keep = room - max_new_tokens
         print(f"note: the prompt has {ids.shape[1]} tokens; keeping its last {keep} "
               f"(context {room} - {max_new_tokens} new tokens)", file=sys.stderr)
         ids = ids[:, -keep:]
+    try:
+        model = load_pretrained(AutoModelForCausalLM, path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--checkpoint {checkpoint}: not a causal-LM checkpoint "
+                          f"({first_line(err)})") from err
     torch.manual_seed(seed)
     sample = temperature > 0
     out = model.generate(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 from .atomic import atomic_file
 from .config import ConfigError
+from .metrics_log import read_records
 
 # Panels in this order: the loss, the learning rate, throughput (<unit>_per_s), each head's
 # loss and accuracy (<head>_loss / <head>_accuracy), perplexity, image top-1 / top-5, the
@@ -17,18 +18,17 @@ LAST = ("perplexity", "top1", "top5", "alignment", "data_wait_fraction")
 
 def read_metrics(run_dir: Path) -> dict[str, dict[int, dict]]:
     """Records of metrics.jsonl by split then step; a later record for the same step
-    (written after a resume) replaces the earlier one."""
+    (written after a resume) replaces the earlier one. Torn lines (a run killed
+    mid-write) are skipped and named on stderr."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(f"{path}: no metrics log here; is {run_dir} a run folder?")
+    records, torn = read_records(path)
+    if torn:
+        print(f"{path}: skipped torn line(s) {', '.join(map(str, torn))} (a run stopped "
+              "mid-write); the next run on this folder removes them", file=sys.stderr)
     by_split: dict[str, dict[int, dict]] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}:{number}: not a JSON record ({err})") from err
+    for record in records:
         by_split.setdefault(record.get("split", "train"), {})[record["step"]] = record
     return by_split
 

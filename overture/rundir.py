@@ -35,7 +35,9 @@ def claim_run_dir(run_dir: Path, main_process: bool = True) -> Iterator[Path]:
     if not main_process:
         yield run_dir
         return
-    existed = run_dir.exists()
+    # the folders this call makes (run_dir and any missing parents): removed again if
+    # the run fails before writing anything
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         handle = open(run_dir / LOCK, "a+", encoding="utf-8")
@@ -59,8 +61,8 @@ def claim_run_dir(run_dir: Path, main_process: bool = True) -> Iterator[Path]:
         yield run_dir
     finally:
         handle.close()  # releases the lock
-        if not existed:
-            _remove_if_empty(run_dir)
+        if made:
+            _remove_if_empty(run_dir, made)
 
 
 def remove_partial_writes(run_dir: Path) -> list[Path]:
@@ -81,9 +83,11 @@ def remove_partial_writes(run_dir: Path) -> list[Path]:
     return removed
 
 
-def _remove_if_empty(run_dir: Path) -> None:
-    """A run that failed before writing anything leaves no folder behind."""
+def _remove_if_empty(run_dir: Path, made: list[Path]) -> None:
+    """A run that failed before writing anything leaves no folder behind: not its run
+    folder, nor the parents it made for it (``made``, innermost first)."""
     with contextlib.suppress(OSError):
         if [p.name for p in run_dir.iterdir()] == [LOCK]:
             (run_dir / LOCK).unlink()
-            run_dir.rmdir()
+            for folder in made:
+                folder.rmdir()  # OSError (not empty) stops at the first one in use

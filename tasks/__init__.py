@@ -34,7 +34,8 @@ class TaskSource:
             from .custom import read_rows
 
             return read_rows(Path(split.file), self.task, labelled=split.labelled,
-                             skip_bad_rows=self.skip_bad_rows)
+                             skip_bad_rows=self.skip_bad_rows,
+                             what=f"task {self.task.name}: {split.name}")
         if self.data_dir:
             return read_glue_split(self.data_dir, self.task, split, self.skip_bad_rows)
         return read_hub_split(self.task, split, self.hub_dataset)

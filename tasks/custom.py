@@ -11,8 +11,10 @@ type: classification            # or regression
 labels: ["1", "2", "3", "4", "5"]   # optional: the sorted labels of train
 metrics: [accuracy, f1]         # optional: accuracy (classification), pearson + spearman
 ```
-A row with a missing field or an unknown label is an error naming the file and line;
-``skip_bad_rows: true`` skips and counts such rows instead.
+A row with more fields than the header, a missing field or an unknown label is an error
+naming the file and line; ``skip_bad_rows: true`` skips and counts such rows instead.
+TSV files have no quoting (a ``"`` is text, as in the GLUE files); CSV files use CSV
+quoting. Files are UTF-8 (a byte-order mark is allowed).
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ class CustomTask:
     def read(self, split: str) -> Rows:
         """The rows of ``train``, ``dev`` or ``test``."""
         return read_rows(Path(getattr(self.config, split)), self.task,
-                         labelled=split != "test", skip_bad_rows=self.config.skip_bad_rows)
+                         labelled=split != "test", skip_bad_rows=self.config.skip_bad_rows,
+                         what=f"task {self.config.name}: {split}")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self.config), sort_keys=False)
@@ -117,52 +120,90 @@ def load_custom_task(path: Path | str) -> CustomTask:
 
 
 def _distinct_labels(config: CustomTaskConfig) -> list[str]:
+    # malformed rows are left to read_rows, which names them (or skips and counts them)
     seen = {str(row[config.label_column]).strip()
-            for _, row in iter_records(Path(config.train))
-            if row.get(config.label_column) not in (None, "")}
+            for _, row, problem in _records(Path(config.train), "train")
+            if not problem and isinstance(row, dict)
+            and row.get(config.label_column) not in (None, "")}
     return sorted(seen)
 
 
-def iter_records(path: Path) -> Iterator[tuple[str, dict]]:
+def iter_records(path: Path, what: str = "task file") -> Iterator[tuple[str, dict]]:
     """(where, row) for each row of a CSV / TSV / JSONL / Parquet file; ``where`` is
-    "file:line" (or "file: row N" for Parquet)."""
+    "file:line" (or "file: row N" for Parquet). A row that cannot be read (more fields
+    than the header) is an error naming the file and line."""
+    for where, record, problem in _records(path, what):
+        if problem:
+            raise TaskDataError(f"{where}: {problem}")
+        yield where, record
+
+
+def _records(path: Path, what: str) -> Iterator[tuple[str, object, str | None]]:
+    """(where, row, problem) for each row; ``problem`` says why a row is malformed (the
+    caller raises it, or skips and counts the row), None for a good row.
+
+    TSV has no quoting: a ``"`` is text and every line is one row, as in the GLUE files
+    (MRPC's sentences start with quotes). CSV keeps its quoting. A UTF-8 byte-order mark
+    is not part of the first header name or JSON line; UTF-16 and binary files are
+    refused at once."""
     suffix = path.suffix.lower()
     if not path.is_file():
         raise TaskDataError(f"{path}: no such file")
+    if suffix in (".csv", ".tsv", ".jsonl"):
+        from overture.data.corpus import check_text_file
+
+        check_text_file(path, what)
     if suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8", errors="replace") as f:
-            reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            header = next(reader, [])
-            for row in reader:
-                if not any(cell.strip() for cell in row):
-                    continue
-                # a short row lacks its last fields: they are missing, not empty
-                yield f"{path}:{reader.line_num}", dict(zip(header, row))
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            if suffix == ".tsv":
+                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            else:
+                reader = csv.reader(f)
+            try:
+                header = next(reader, [])
+                for row in reader:
+                    where = f"{path}:{reader.line_num}"
+                    if not any(cell.strip() for cell in row):
+                        continue
+                    if len(row) > len(header):
+                        tab = " (a tab inside a text?)" if suffix == ".tsv" else ""
+                        yield where, {}, (f"{len(row)} fields, expected {len(header)}{tab}")
+                        continue
+                    # a short row lacks its last fields: they are missing, not empty
+                    yield where, dict(zip(header, row)), None
+            except csv.Error as e:
+                raise TaskDataError(f"{path}:{reader.line_num}: not valid "
+                                    f"{suffix[1:].upper()} ({e})") from None
     elif suffix == ".jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
             for number, line in enumerate(f, start=1):
                 if line.strip():
                     try:
-                        yield f"{path}:{number}", json.loads(line)
+                        yield f"{path}:{number}", json.loads(line), None
                     except json.JSONDecodeError as e:
                         raise TaskDataError(f"{path}:{number}: not JSON ({e.msg})") from None
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
         for number, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield f"{path}: row {number}", row
+            yield f"{path}: row {number}", row, None
     else:
         raise TaskDataError(f"{path}: unsupported format (use {', '.join(FORMATS)})")
 
 
 def read_rows(path: Path, task: Task, labelled: bool = True,
-              skip_bad_rows: bool = False) -> Rows:
-    """A custom task file -> Rows. Missing or empty text / label fields and unknown labels
-    are errors naming the file and line, or skipped and counted."""
+              skip_bad_rows: bool = False, what: str = "task file") -> Rows:
+    """A custom task file -> Rows. Rows with more fields than the header, missing or
+    empty text / label fields and unknown labels are errors naming the file and line, or
+    skipped and counted. ``what`` names the file in a "not a text file" error."""
     rows = Rows(source=str(path))
     wanted = [*task.text_columns, *([task.label_column] if labelled else [])]
-    for where, record in iter_records(path):
+    for where, record, problem in _records(path, what):
         try:
+            if problem:
+                raise TaskDataError(f"{where}: {problem}")
+            if not isinstance(record, dict):
+                raise TaskDataError(f"{where}: not a JSON object ({type(record).__name__})")
             missing = [c for c in wanted if record.get(c) is None or str(record[c]) == ""]
             if missing:
                 raise TaskDataError(f"{where}: missing field {missing[0]!r}")

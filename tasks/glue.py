@@ -64,7 +64,8 @@ def read_glue_split(data_dir: Path | str, task: Task, split: Split,
                                 f"{split.name}); --data-dir should hold {task.folder}/")
     rows = Rows(source=str(path))
     labelled = split.labelled and task.label_column is not None
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    # utf-8-sig: a byte-order mark would otherwise start the first column's name
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if task.header or not split.labelled:
             header = next(reader, None) or []

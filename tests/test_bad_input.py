@@ -215,3 +215,19 @@ def test_json_array_file_is_still_read(tmp_path):
     corpus = tmp_path / "rows.json"
     corpus.write_text(json.dumps([{"text": "alpha one."}, {"text": "beta"}]))
     assert _read(corpus) == [["alpha one."], ["beta"]]
+
+
+def test_a_tsv_corpus_keeps_quotes_as_text_and_every_line_is_a_row(tmp_path):
+    # TSV has no quoting (as the GLUE files): a field that starts with a quote must not
+    # swallow the tabs and lines after it; CSV keeps its quoting
+    texts = ['"The same three members of the team were there," said the report.',
+             '"We will not comment on rumours, the spokesman said.',
+             "Shares fell 3 percent in early trading.",
+             'The agency called the result "encouraging".',
+             '"Prices will rise again.']
+    (tmp_path / "c.tsv").write_text(
+        "id\ttext\n" + "".join(f"{i}\t{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+    assert _read(tmp_path / "c.tsv") == [[t] for t in texts]
+    (tmp_path / "c.csv").write_text('id,text\n1,"a, quoted\nfield"\n2,"say ""hi"""\n',
+                                    encoding="utf-8")
+    assert _read(tmp_path / "c.csv") == [["a, quoted", "field"], ['say "hi"']]

@@ -145,3 +145,77 @@ def test_bf16_tensorboard_and_mfu_with_a_given_peak(tmp_path, cache_dir):
     assert [r["step"] for r in logged] == [1, 2] and all(r["loss"] < 20 for r in logged)
     assert logged[-1]["mfu"] == pytest.approx(logged[-1]["tflops"] / 1.0)
     assert list((tmp_path / "run").rglob("events.out.tfevents.*"))  # the tracker's log
+
+
+# Every command of the README's "Command line" section, with its most common mistake,
+# and the words its one line of stderr must hold. {bert} is a trained tiny BERT final/,
+# {image} an image one, {empty} an empty folder.
+COMMON_ERRORS = {
+    "pretrain": (["pretrain", "bert-tiyn"], "recipe 'bert-tiyn' not found"),
+    "pretrain override": (["pretrain", "bert-tiny", "trian.max_steps=5"],
+                          "command-line override 'trian.max_steps=5'"),
+    "pretrain bad YAML": (["pretrain", "{empty}/bad.yaml"], "not valid YAML: line 3, column 9: mapping values"),
+    "prepare": (["prepare", "bert-tiny", "data.corpus=[no/such.txt]"],
+                "file not found: 'no/such.txt'"),
+    "recipes": (["recipes", "bert"], "unrecognized arguments: bert"),
+    "finetune": (["finetune", "--checkpoint", "nope/dir", "--task", "sst2"],
+                 "--checkpoint nope/dir: no such folder"),
+    "finetune --images": (["finetune", "--checkpoint", "{image}", "--images", "no/such/dir"],
+                          "no/such/dir"),
+    "probe": (["probe", "--checkpoint", "no/such/run", "--data", "digits"], "no/such/run"),
+    "glue": (["glue", "--checkpoint", "{bert}", "--tasks", "sst3"], "--tasks"),
+    "features": (["features", "--checkpoint", "{bert}", "--input", "no/such.txt",
+                  "--output", "{empty}/f.npy"], "--input no/such.txt: no such file"),
+    "convert-long": (["convert-long", "--checkpoint", "no/such/dir", "--output",
+                      "{empty}/long"], "--checkpoint no/such/dir: no such folder"),
+    "generate": (["generate", "--checkpoint", "{bert}", "--prompt", "Once"],
+                 "not a causal-LM checkpoint"),
+    "report": (["report", "{empty}"], "no metrics log here"),
+}
+
+_RUN_EACH = r"""
+import json, os, sys
+from overture.cli import main
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    path = os.path.join(sys.argv[2], name.replace(" ", "_") + ".err")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "w") as f:
+        os.dup2(f.fileno(), 2)  # everything written to stderr, by anyone, lands here
+        try:
+            code = main(argv)
+        except SystemExit as stop:
+            code = stop.code
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+    results[name] = [code, path]
+print(json.dumps(results))
+"""
+
+
+def test_each_commands_common_error_is_the_one_and_last_line_of_stderr(tmp_path, trained):
+    """One process runs every command's usual mistake with stderr redirected per command:
+    exit 2, and stderr is exactly one line, the error (no LOAD REPORT, progress bar,
+    warning or usage block around it). Nothing is left behind in the working folder."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "bad.yaml").write_text("model:\n hidden_size: 128\n  layers: 2\n")
+    slots = {"bert": str(trained("bert") / "final"), "image": str(trained("image") / "final"),
+             "empty": str(empty)}
+    argvs = {name: [a.format(**slots) for a in argv] for name, (argv, _) in COMMON_ERRORS.items()}
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("OVERTURE_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", _RUN_EACH, json.dumps(argvs), str(tmp_path)],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, (_, words) in COMMON_ERRORS.items():
+        code, path = results[name]
+        lines = Path(path).read_text().splitlines()
+        assert code == 2, (name, code, lines)
+        assert len(lines) == 1, (name, lines)
+        assert lines[0].startswith("error: ") and words in lines[0], (name, lines[0])
+    assert list(work.iterdir()) == []  # no runs/ folder made by a refused command

@@ -37,11 +37,27 @@ def test_dotted_overrides_parse_yaml_scalars():
     ("data.max_seq_len=512", "exceeds model.max_position_embeddings"),
     ("nonsense", "not KEY=VALUE"),
 ])
-def test_invalid_values_name_the_key_and_the_file(override, message):
+def test_invalid_values_name_the_key_and_the_override_that_set_it(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")) as err:
         load_recipe("bert-tiny", [override])
-    if override != "nonsense":  # out-of-range values too, not only unknown keys and types
-        assert "bert-tiny.yaml: " in str(err.value)
+    text = str(err.value)
+    if override == "model.num_attention_heads=3":  # hidden_size (the file's) is the key named
+        assert text.startswith(str(bundled_recipes()["bert-tiny"]) + ": ")
+    elif override != "nonsense":  # out-of-range values too, not only unknown keys and types
+        assert text.startswith(f"command-line override {override!r} (recipe "), text
+
+
+def test_a_typo_in_an_override_is_not_blamed_on_the_recipe_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  max_steps: 10\n  lr: 1e-3\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path, ["trian.max_steps=5"])
+    assert str(err.value).startswith(f"command-line override 'trian.max_steps=5' (recipe {path}): "
+                                     "unknown key 'trian'; did you mean train?")
+    with pytest.raises(ConfigError) as err:  # the same typo in the file is the file's
+        path.write_text("trian:\n  max_steps: 10\n")
+        load_recipe(path, ["train.max_steps=5"])
+    assert str(err.value).startswith(f"{path}: unknown key 'trian'")
 
 
 def test_yaml_errors_name_the_file(tmp_path):
@@ -49,6 +65,15 @@ def test_yaml_errors_name_the_file(tmp_path):
     path.write_text("model:\n  hidden_size: 64\n  layers: 2\n")
     with pytest.raises(ConfigError, match=f"{path}: unknown key 'model.layers'"):
         load_recipe(path)
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  hidden_size: 64\n   layers: 2\n")  # mis-indented
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    assert str(err.value) == (f"{path}: not valid YAML: line 3, column 10: mapping values "
+                              "are not allowed here")
 
 
 def test_unknown_recipe_name_suggests_a_bundled_one():

@@ -4,6 +4,7 @@ and sampling."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 
@@ -290,31 +291,65 @@ def test_final_works_with_the_text_generation_pipeline(trained):
     assert text.startswith("The war") and len(text) > len("The war")
 
 
-def test_generate_keeps_the_end_of_a_prompt_too_long_for_the_model(trained, capsys):
+def test_generate_keeps_the_end_of_a_prompt_too_long_for_the_model(trained, capsys,
+                                                                    monkeypatch):
+    import logging
+
+    heard: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: heard.append(record.getMessage())
+    monkeypatch.setattr(logging.getLogger("transformers"), "handlers",
+                        [*logging.getLogger("transformers").handlers, handler])
     long_prompt = "the history of the city " * 60  # > 128 tokens
     assert main(["generate", "--checkpoint", str(trained("gpt") / "final"), "--prompt",
                  long_prompt, "--max-new-tokens", "5"]) == 0
     captured = capsys.readouterr()
     assert "keeping its last 123" in captured.err
+    # overture's note only: not transformers' "longer than the specified maximum" warning
+    assert heard == [], heard
 
 
 @pytest.mark.parametrize("args, message", [
     (["--checkpoint", "no/such/run"], "no/such/run"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--top-p", "1.5"], "--top-p"),
+    (["--max-new-tokens", "500"], "--max-new-tokens=500 must be below the model's context "
+                                  "of 128"),
+    (["--top-p", "1.5"], "--top-p=1.5 must be"),
+    (["--top-p", "nan"], "--top-p=nan must be a finite number"),
+    (["--temperature", "nan"], "--temperature=nan must be a finite number"),
+    (["--temperature", "inf"], "--temperature=inf must be a finite number"),
+    (["--temperature", "-1"], "--temperature=-1.0 must be"),
+    (["--top-k", "-1"], "--top-k=-1 must be"),
 ])
-def test_generate_bad_input_is_one_clear_line(trained, capsys, args, message):
+def test_generate_bad_input_is_one_clear_line(trained, capsys, monkeypatch, args, message):
+    import overture.generate
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the input was checked")
+
+    monkeypatch.setattr(overture.generate, "load_pretrained", no_loading)
     base = {"--checkpoint": str(trained("gpt")), "--prompt": "The"}
     for key, value in zip(args[::2], args[1::2]):
         base[key] = value
     assert main(["generate", *[x for kv in base.items() for x in kv]]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and message in err and "\n" not in err
+    assert err.startswith("error:") and message in err and "\n" not in err, err
 
 
 def test_generate_refuses_a_masked_lm_checkpoint(trained, capsys):
     assert main(["generate", "--checkpoint", str(trained("bert")), "--prompt", "The"]) == 2
     assert "not a causal-LM checkpoint" in capsys.readouterr().err
+
+
+def test_generate_refuses_an_image_checkpoint_saying_so(tmp_path, capsys):
+    final = tmp_path / "run" / "final"  # as a timm / torchvision run writes it
+    final.mkdir(parents=True)
+    (final / "config.json").write_text(json.dumps({"architecture": "resnet18",
+                                                   "num_classes": 10}))
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "The"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: --checkpoint {tmp_path / 'run'} is an image checkpoint; "
+                     "generate takes a causal-LM (GPT) checkpoint"]
 
 
 def test_tokenizer_kind_overrides_the_familys_choice(tmp_path, real_text):

@@ -150,6 +150,45 @@ def test_sigkill_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(
     assert got[12] == pytest.approx(expected[12], abs=1e-5)
 
 
+def test_a_torn_metrics_line_is_reported_then_cut_back_at_the_resume(
+        tmp_path, cache_dir, real_text, straight, capsys, caplog):
+    """A kill -9 mid-write leaves half a record as the last line of metrics.jsonl:
+    `report` plots the rest and names the line; the resumed run cuts the log back to the
+    complete records up to its checkpoint, so no record is glued to the torn one."""
+    import shutil
+
+    from overture.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(straight("bert"), run)
+    for folder in complete_checkpoints(run):  # killed after step 10 was logged, before 11
+        if int(folder.name.split("-")[1]) > 7:
+            shutil.rmtree(folder)
+    log = run / "metrics.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    step_10 = next(i for i, line in enumerate(lines) if json.loads(line)["step"] == 10)
+    log.write_text("".join(lines[:step_10 + 1]) + lines[step_10 + 1][:30])  # torn
+    torn_line = step_10 + 2
+
+    assert main(["report", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert f"skipped torn line(s) {torn_line}" in err
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+    with caplog.at_level("WARNING", logger="overture.metrics_log"):
+        train(tiny("bert", run, cache_dir, real_text, *BASE), progress=False)
+    said = " ".join(r.getMessage() for r in caplog.records if r.name == "overture.metrics_log")
+    assert f"dropped 1 torn line(s) (line {torn_line})" in said
+    assert "dropped 1 record(s) past step 7" in said  # step 10's, logged again below
+    text = log.read_text()
+    assert text.endswith("\n")
+    every = [json.loads(line) for line in text.splitlines()]  # each line whole
+    assert [r["step"] for r in every if r["split"] == "train"] == [5, 10, 12]
+    assert _losses(run) == pytest.approx(_losses(straight("bert")), abs=1e-5)
+    assert main(["report", str(run)]) == 0
+    assert "torn" not in capsys.readouterr().err
+
+
 def _nan_at(monkeypatch, family: str, steps: set[int]) -> None:
     """Make the training loss NaN at the given optimizer steps (1-based)."""
     cls = get_family(family)
@@ -282,10 +321,10 @@ def test_unwritable_output_dirs_fail_in_one_line_with_exit_2(tmp_path, capsys, r
 
 
 def test_a_run_that_fails_on_bad_input_leaves_no_folder(tmp_path, cache_dir):
-    run = tmp_path / "run"
+    run = tmp_path / "runs" / "finetune" / "run"  # parents made for it go too
     with pytest.raises(ConfigError):
         train(tiny("bert", run, cache_dir, tmp_path / "missing.txt", *BASE), progress=False)
-    assert not run.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("change", ["train.seed=7", "data.max_seq_len=32",

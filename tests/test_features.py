@@ -11,6 +11,7 @@ import pytest
 
 import overture
 from overture.cli import main
+from overture.features import position_limit, read_texts
 
 TEXTS = ["The war ended in the spring.", "A short one.",
          "The river runs through the old city and past the mills that once stood there.",
@@ -103,3 +104,122 @@ def test_features_errors_name_the_input(trained, tmp_path, capsys):
     assert "no field 'body'" in capsys.readouterr().err
     assert main([*args, "--input", str(source), "--output", str(tmp_path / "o.csv")]) == 2
     assert not (tmp_path / "o.npy").exists()
+
+
+@pytest.fixture
+def transformers_warnings(monkeypatch) -> list[str]:
+    """What transformers logs at WARNING or above during the test (its LOAD REPORT...)."""
+    import logging
+
+    heard: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: heard.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, handler])
+    return heard
+
+
+def _one_line_error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_features_refuses_rows_without_the_id_column_naming_file_and_line(trained, tmp_path,
+                                                                          capsys):
+    args = ["features", "--checkpoint", str(trained("bert")), "--output", str(tmp_path / "o.npy")]
+    table = tmp_path / "t.csv"
+    table.write_text("text,key\nhello,a\nworld,b\n")
+    assert main([*args, "--input", str(table), "--id-column", "nope"]) == 2
+    err = _one_line_error(capsys)
+    assert f"{table}:2: no field 'nope'" in err and "--id-column" in err
+    # a JSONL row lacking the id (or not an object) is named by its line
+    rows = tmp_path / "t.jsonl"
+    rows.write_text('{"text": "a", "key": 1}\n\n{"text": "b"}\n')
+    assert main([*args, "--input", str(rows), "--id-column", "key"]) == 2
+    assert f"{rows}:3: no field 'key'" in _one_line_error(capsys)
+    rows.write_text('{"text": "a"}\n[1, 2]\n')
+    assert main([*args, "--input", str(rows)]) == 2
+    assert f"{rows}:2: not a JSON object (list)" in _one_line_error(capsys)
+    assert not (tmp_path / "o.npy").exists()
+    assert read_texts(table, None, "key") == (["a", "b"], ["hello", "world"])
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".tsv", ".jsonl"])
+def test_features_refuses_a_utf16_input_as_pretrain_does(trained, tmp_path, capsys, suffix):
+    source = tmp_path / f"texts{suffix}"
+    body = {".txt": "hello\nworld\n", ".csv": "text\nhello\n", ".tsv": "text\nhello\n",
+            ".jsonl": '{"text": "hello"}\n'}[suffix]
+    source.write_text(body, encoding="utf-16")
+    assert main(["features", "--checkpoint", str(trained("bert")), "--input", str(source),
+                 "--output", str(tmp_path / "o.npy")]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith("error: --input:") and str(source) in err and "UTF-16" in err
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_features_skips_empty_lines_keeping_line_numbers_as_ids(trained, encoder, tmp_path,
+                                                                capsys, transformers_warnings):
+    source = tmp_path / "texts.txt"
+    # a BOM, blank and whitespace-only lines, CRLF, and a form feed inside a line (not a
+    # line break: ids stay the numbers an editor shows)
+    source.write_bytes("\ufefffirst text\n\n   \nsecond\r\n\t\nthird\x0cpage\n".encode())
+    assert read_texts(source, None, None) == (["1", "4", "6"],
+                                             ["first text", "second", "third\x0cpage"])
+    capsys.readouterr()
+    output = tmp_path / "f.parquet"
+    assert main(["features", "--checkpoint", str(trained("bert")), "--input", str(source),
+                 "--output", str(output)]) == 0
+    err = capsys.readouterr().err
+    assert f"--input {source}: skipped 3 empty lines" in err
+    assert transformers_warnings == []  # no LOAD REPORT of the unused cls.* weights
+    table = pq.read_table(output)
+    assert table["id"].to_pylist() == ["1", "4", "6"]
+    got = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    assert got.shape == (3, encoder.dim)
+    assert np.allclose(got, encoder.encode(["first text", "second", "third\x0cpage"]),
+                       atol=1e-5)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-length", "0", "--max-length=0 must be a positive integer"),
+    ("--max-length", "-3", "--max-length=-3 must be a positive integer"),
+    ("--max-length", "100000", "--max-length=100000 exceeds the 128 positions"),
+    ("--max-length", "129", "--max-length=129 exceeds the 128 positions"),
+    ("--batch-size", "0", "--batch-size=0 must be"),
+    ("--pooling", "bad", "--pooling='bad' is not one of"),
+    ("--layer", "x", "--layer='x': give integers"),
+    ("--layer", "-1,5", "--layer [5]: this model has hidden states 0..2"),
+])
+def test_features_bad_arguments_are_one_line_before_the_model_loads(
+        trained, tmp_path, capsys, monkeypatch, option, value, message):
+    import overture.features
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(overture.features, "load_pretrained", no_loading)
+    source = tmp_path / "texts.txt"
+    source.write_text(" ".join(TEXTS) * 20 + "\n")  # > 128 tokens
+    assert main(["features", "--checkpoint", str(trained("bert")), "--input", str(source),
+                 "--output", str(tmp_path / "o.npy"), f"{option}={value}"]) == 2
+    err = _one_line_error(capsys)
+    assert err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "o.npy").exists()
+
+
+def test_load_checks_max_length_against_the_models_positions(trained):
+    from transformers import BertConfig, LongformerConfig, RobertaConfig
+
+    from overture.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--max-length=100000 exceeds the 128 positions"):
+        overture.load(trained("bert"), max_length=100000)
+    with pytest.raises(ConfigError, match="--max-length=0 must be a positive integer"):
+        overture.load(trained("bert"), max_length=0)
+    assert overture.load(trained("bert"), max_length=128).max_length == 128
+    assert overture.load(trained("bert")).max_length == 128  # the default: the limit
+    # RoBERTa-style models number positions from pad_token_id + 1
+    assert position_limit(BertConfig(max_position_embeddings=128)) == 128
+    assert position_limit(RobertaConfig(max_position_embeddings=66, pad_token_id=1)) == 64
+    assert position_limit(LongformerConfig(max_position_embeddings=4098, pad_token_id=1)) == 4096

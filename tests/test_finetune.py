@@ -176,7 +176,13 @@ def test_two_dev_sets_are_scored_apart_and_averaged():
 
 
 def test_finetune_command_errors_are_one_line_with_exit_2(inputs, tmp_path, capsys):
+    import shutil
+
     checkpoint, glue = inputs
+    broken_tokenizer, no_weights = tmp_path / "broken-tokenizer", tmp_path / "no-weights"
+    shutil.copytree(checkpoint, broken_tokenizer)
+    (broken_tokenizer / "tokenizer.json").write_text('{"model": ')
+    shutil.copytree(checkpoint, no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
     cases = [(["--task", "sst3"], "did you mean 'sst2'"),
              (["--task", "ax"], "predicted by a mnli model"),
              (["--task", "sst2", "--data-dir", str(tmp_path)],
@@ -184,13 +190,19 @@ def test_finetune_command_errors_are_one_line_with_exit_2(inputs, tmp_path, caps
              (["--task", "sst2", "--data-dir", str(glue), "--checkpoint", str(tmp_path)],
               "no config.json"),
              (["--task", "sst2", "--data-dir", str(glue), "--checkpoint", str(checkpoint),
-               "train.epochs=-1"], "train.epochs=-1.0 must be positive")]
+               "train.epochs=-1"], "train.epochs=-1.0 must be positive"),
+             (["--task", "sst2", "--data-dir", str(glue), "--checkpoint", str(broken_tokenizer)],
+              f"objective.checkpoint='{broken_tokenizer}': cannot load its tokenizer ("),
+             (["--task", "sst2", "--data-dir", str(glue), "--checkpoint", str(no_weights),
+               "data.max_seq_len=32", f"data.cache_dir={tmp_path / 'cache'}"],
+              f"objective.checkpoint='{no_weights}': cannot load its weights (")]
     for args, message in cases:
         argv = ["finetune", "--checkpoint", str(tmp_path / "nowhere"), *args,
                 f"output_dir={tmp_path / 'run'}"]
         assert main(argv) == 2, args
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "run").exists()  # nothing made for a bad input
 
 
@@ -198,7 +210,7 @@ def test_glue_tabulates_seeds_and_names_missing_tasks(inputs, cache_dir, real_te
     checkpoint, glue = inputs
     table = run_glue(str(checkpoint), ["sst2", "rte"], seeds=2, data_dir=str(glue),
                      output_dir=str(tmp_path / "glue"), progress=False, overrides=[
-                         f"data.cache_dir={cache_dir}", "train.epochs=null",
+                         f"data.cache_dir={cache_dir}",  # max_steps wins over sst2's epochs
                          "train.max_steps=6", "train.interval_unit=steps", "train.eval_every=0",
                          "train.save_every=0", "data.max_seq_len=32", "train.batch_size=8"])
     sst2 = table["tasks"]["sst2"]["metrics"]["accuracy"]
@@ -210,6 +222,7 @@ def test_glue_tabulates_seeds_and_names_missing_tasks(inputs, cache_dir, real_te
     assert json.loads((tmp_path / "glue" / "glue.json").read_text())["glue_tasks"] == ["sst2"]
     for seed in (42, 43):
         assert (tmp_path / "glue" / "sst2" / f"seed-{seed}" / "final" / "config.json").is_file()
+        assert max(records(tmp_path / "glue" / "sst2" / f"seed-{seed}")) == 6
 
 
 def test_long_inputs_are_cut_to_max_seq_len_and_counted(inputs, cache_dir, real_text):
@@ -226,3 +239,127 @@ def test_long_inputs_are_cut_to_max_seq_len_and_counted(inputs, cache_dir, real_
     lengths = data.train["length"]
     assert max(lengths) == 24 and sum(n == 24 for n in lengths) >= long
     assert all(len(ids) == n for ids, n in zip(data.train["input_ids"], lengths))
+
+
+# ----------------------------------------------------------------------------- issue 18
+
+
+def test_a_custom_tsv_task_with_quoted_sentences_prepares_every_row(inputs, cache_dir,
+                                                                   real_text, tmp_path):
+    from helpers import prepare
+    from test_tasks import write_mrpc_style_task
+
+    spec, train_rows, dev_rows = write_mrpc_style_task(tmp_path)
+    recipe = tiny("classify", "unused", cache_dir, real_text, f"objective.task={spec}",
+                  "data.max_seq_len=128")
+    data = prepare(recipe)
+    assert data.stats["train_examples"] == len(data.train) == 40
+    assert data.stats["dev_examples"] == 8 and data.stats["train_skipped"] == 0
+    tok = data.tokenizer
+    for i in (0, 3, 5):  # rows whose first or second sentence starts with a quote
+        row = train_rows[i]
+        assert data.train["input_ids"][i] == tok(row[3], row[4])["input_ids"]
+    assert data.train["label"] == [int(r[0]) for r in train_rows]
+
+
+def _steps(run: Path) -> tuple[int, list[str]]:
+    """(last train step logged, checkpoint folder names) of a run."""
+    return max(records(run)), sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def test_max_steps_given_by_the_user_wins_over_the_task_epochs(inputs, cache_dir, tmp_path,
+                                                              capsys):
+    from test_tasks import write_mrpc_style_task
+
+    checkpoint, _ = inputs
+    spec, _, _ = write_mrpc_style_task(tmp_path)
+    run = tmp_path / "run"
+    # the task's 3 epochs of 40 rows at batch 4 would be 30 steps
+    assert main(["finetune", "--checkpoint", str(checkpoint), "--task", str(spec),
+                 f"output_dir={run}", f"data.cache_dir={cache_dir}", "train.max_steps=3",
+                 "train.batch_size=4", "data.max_seq_len=64"]) == 0
+    assert _steps(run) == (3, ["step-000003"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] is None and metrics["best_step"] == 3
+    assert metrics["train_examples"] == 40  # every MRPC-style row, quotes and all
+    assert set(metrics["dev"]) == {"accuracy", "f1", "score"}
+    # the recipe alone: max_steps stays what was given, however many examples
+    for overrides in (["train.max_steps=20"], ["train.epochs=null", "train.max_steps=20"]):
+        recipe = finetune_recipe("some/checkpoint", "mrpc", overrides=overrides)
+        assert recipe.train.epochs is None
+        assert recipe.for_dataset(examples=3668, processes=1).train.max_steps == 20
+    phased = finetune_recipe("some/checkpoint", "mrpc", overrides=["phases=[{steps: 7}]"])
+    assert phased.for_dataset(examples=3668, processes=1).total_steps == 7
+    default = finetune_recipe("some/checkpoint", "mrpc")  # no max_steps: the task's epochs
+    assert default.train.epochs == 5
+    assert default.for_dataset(examples=3668, processes=1).train.max_steps == 570  # 5 x 114
+
+
+def test_max_steps_and_epochs_together_are_refused_in_one_line(inputs, tmp_path, capsys):
+    checkpoint, glue = inputs
+    for command in ("finetune", "glue"):
+        task = (["--task", "sst2"] if command == "finetune"
+                else ["--tasks", "sst2", "--output-dir", str(tmp_path / "run")])
+        assert main([command, "--checkpoint", str(checkpoint), *task, "--data-dir", str(glue),
+                     f"output_dir={tmp_path / 'run'}", "train.max_steps=20",
+                     "train.epochs=2"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert "train.max_steps and train.epochs=2 both set the length of training" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_image_checkpoint_with_a_task_points_to_images(trained, inputs, tmp_path, capsys):
+    _, glue = inputs
+    image_run = trained("image")
+    for checkpoint in (image_run, image_run / "final"):
+        assert main(["finetune", "--checkpoint", str(checkpoint), "--task", "sst2",
+                     "--data-dir", str(glue), f"output_dir={tmp_path / 'run'}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: --checkpoint {checkpoint}: an image checkpoint (timm / "
+                       "torchvision) has no tokenizer; fine-tune it on labelled images "
+                       "with --images DIR instead of --task"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_gpt_checkpoint_fine_tunes_and_padding_does_not_change_its_predictions(
+        trained, inputs, cache_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from test_tasks import write_mrpc_style_task
+
+    spec, _, _ = write_mrpc_style_task(tmp_path)
+    run = tmp_path / "gpt-pairs"
+    recipe = finetune_recipe(str(trained("gpt")), str(spec), seed=0, overrides=[
+        f"output_dir={run}", f"data.cache_dir={cache_dir}", "train.max_steps=2",
+        "train.batch_size=4", "data.max_seq_len=64", "train.lr=1e-3"])
+    finetune(recipe, progress=False)
+    assert _steps(run) == (2, ["step-000002"])
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    model = AutoModelForSequenceClassification.from_pretrained(run / "final").eval()
+    assert tok.pad_token == tok.eos_token and model.config.pad_token_id == tok.pad_token_id
+    texts = ["the cat sat on the mat and looked at the door for a long time .", "it rains ."]
+    with torch.inference_mode():
+        batch = tok(texts, padding=True, return_tensors="pt")
+        assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()  # padded
+        padded = model(**batch).logits
+        single = torch.cat([model(**tok([t], return_tensors="pt")).logits for t in texts])
+    assert torch.allclose(padded, single, atol=1e-5), (padded, single)
+    assert padded.argmax(-1).tolist() == single.argmax(-1).tolist()
+
+
+def test_building_the_classifier_logs_one_line_instead_of_the_load_report(
+        inputs, cache_dir, real_text, capfd, caplog):
+    import logging
+
+    from overture.registry import build_objective
+
+    objective = build_objective(tiny("classify", "unused", cache_dir, real_text))
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="overture.hub"):
+        objective.build_models()
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "UNEXPECTED" not in out + err
+    lines = [r.getMessage() for r in caplog.records if r.name == "overture.hub"]
+    assert len(lines) == 1 and lines[0].endswith(
+        "cls.* unused (7 tensors); classifier.* new (2 tensors)"), lines

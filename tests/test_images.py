@@ -424,6 +424,12 @@ def test_features_command_embeds_a_folder_of_images(digits_run, tmp_path, capsys
     assert main(["features", "--checkpoint", str(digits_run), "--input", str(listing),
                  "--output", str(tmp_path / "l.npy")]) == 0
     assert np.allclose(np.load(tmp_path / "l.npy"), expected[[4, 0]], atol=1e-5)
+    # the same list saved as UTF-16 (a Windows editor) is refused as a text command's input
+    listing.write_text("more/4.png\n0.png\n", encoding="utf-16")
+    capsys.readouterr()
+    assert main(["features", "--checkpoint", str(digits_run), "--input", str(listing),
+                 "--output", str(tmp_path / "u.npy")]) == 2
+    assert "--input" in _one_line_error(capsys) and not (tmp_path / "u.npy").exists()
 
 
 # --------------------------------------------------------------------------- transfer

@@ -157,11 +157,16 @@ def _masked(tok, texts: list[str]) -> dict:
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
 def test_convert_long_keeps_the_masked_lm_loss_and_tiles_positions(kind, tmp_path, cache_dir,
-                                                                    real_text):
+                                                                    real_text, capsys):
     from transformers import AutoModelForMaskedLM, AutoTokenizer, LongformerForMaskedLM
 
     source_dir = _source(kind, tmp_path / kind, cache_dir, real_text)
     out = tmp_path / f"{kind}-long"
+    # 64 positions either way (RoBERTa's table has pad_token_id + 1 rows more): no longer
+    assert main(["convert-long", "--checkpoint", str(source_dir), "--max-length", "64",
+                 "--window", "32", "--output", str(out)]) == 2
+    assert "--max-length=64 must exceed the 64 positions" in capsys.readouterr().err
+    assert not out.exists()
     assert main(["convert-long", "--checkpoint", str(source_dir), "--max-length", "256",
                  "--window", "128", "--output", str(out)]) == 0
     source = AutoModelForMaskedLM.from_pretrained(source_dir).eval()
@@ -218,7 +223,8 @@ def test_convert_long_refuses_an_existing_output_and_bad_checkpoints(tmp_path, c
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(gpt)
     headless = tmp_path / "headless"
     BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=64)).save_pretrained(headless)
+                         num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=64)).save_pretrained(headless)
     (tmp_path / "empty").mkdir()
     corrupt = tmp_path / "corrupt"
     shutil.copytree(source, corrupt)
@@ -234,7 +240,10 @@ def test_convert_long_refuses_an_existing_output_and_bad_checkpoints(tmp_path, c
              (headless, tmp_path / "d", 64, 128, "masked-LM head"),
              (corrupt, tmp_path / "e", 64, 128, "cannot load its model"),
              (source, a_file / "f", 64, 128, "cannot be written"),
-             (source, tmp_path / "g", 64, 32, "shorter than --window")]
+             (source, tmp_path / "g", 64, 32, "shorter than --window"),
+             # not longer than the source's 64 positions: refused, naming both numbers
+             (source, tmp_path / "h", 32, 64, "--max-length=64 must exceed the 64 positions"),
+             (source, tmp_path / "i", 32, 48, "--max-length=48 must exceed the 64 positions")]
     for checkpoint, output, window, length, message in cases:
         code = main(["convert-long", "--checkpoint", str(checkpoint), "--window", str(window),
                      "--max-length", str(length), "--output", str(output)])
@@ -242,7 +251,7 @@ def test_convert_long_refuses_an_existing_output_and_bad_checkpoints(tmp_path, c
         assert code == 2, (message, err)
         assert message in err and len(err.splitlines()) == 1, err
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]  # nothing written over
-    assert not any((tmp_path / n).exists() for n in "abcdeg")
+    assert not any((tmp_path / n).exists() for n in "abcdeghi")
 
 
 # ---------------------------------------------------------------------------- data, config

@@ -114,3 +114,16 @@ def test_evaluation_records_every_heads_loss_accuracy_and_perplexity(trained, fa
         assert 0 < last[f"{head}_loss"] < 20 and 0 <= last[f"{head}_accuracy"] <= 1
     assert last["loss"] == pytest.approx(sum(last[f"{h}_loss"] for h in heads))
     assert last["perplexity"] == pytest.approx(math.exp(last[f"{heads[0]}_loss"]))
+
+
+def test_a_run_without_held_out_examples_says_so_once_and_logs_no_evaluation(
+        make_recipe, tmp_path, caplog):
+    recipe = make_recipe(tmp_path / "run", "data.eval_fraction=0", "train.max_steps=4",
+                         "train.eval_every=2", "train.log_every=2", "train.save_every=0")
+    with caplog.at_level("WARNING", logger="overture.engine"):
+        train(recipe, progress=False)
+    said = [r.getMessage() for r in caplog.records if "held-out" in r.getMessage()]
+    assert said == ["0 held-out examples (data.eval_fraction=0.0): no evaluation is run, "
+                    "the final one included"]
+    assert records(tmp_path / "run", "eval") == {}
+    assert sorted(records(tmp_path / "run")) == [2, 4]

@@ -86,6 +86,20 @@ def test_quotes_inside_sentences_are_kept_verbatim(tmp_path):
     assert rows.labels == [1, 0]
 
 
+def test_a_glue_file_with_a_bom_keeps_its_first_column_name(tmp_path):
+    # MRPC's label is its first column: a byte-order mark must not become part of its name
+    path = tmp_path / "MRPC" / "dev.tsv"
+    path.parent.mkdir()
+    path.write_bytes(b"\xef\xbb\xbf" + "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+                     "1\t101\t102\t\"The same three members...\" said the report.\tThe "
+                     "report said the same.\n".encode())
+    mrpc = GLUE["mrpc"]
+    rows = read_glue_split(tmp_path, mrpc, mrpc.split("dev"))
+    assert rows.texts == [('"The same three members..." said the report.',
+                           "The report said the same.")]
+    assert rows.labels == [mrpc.labels.index("1")]
+
+
 def test_mnli_columns_are_found_by_header_name(tmp_path):
     header = ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse"
               "\tsentence1_parse\tsentence2_parse\tsentence1\tsentence2\tlabel1\tlabel2\tlabel3"
@@ -206,3 +220,127 @@ def test_submission_files_have_the_leaderboard_names_and_label_strings(tmp_path)
     rte = GLUE["rte"]
     assert write_submission(tmp_path, rte, rte.split("test"), ["3"], [1]).read_text() \
         == "index\tprediction\n3\tnot_entailment\n"
+
+
+# ----------------------------------------------------------------------------- custom TSV
+
+# MRPC-style rows (Quality, #1 ID, #2 ID, #1 String, #2 String): sentences that start
+# with a quote, close it mid-sentence, or never close it on their line, as news text does
+QUOTED = [
+    '"The same three members of the response team were there," said the report.',
+    '"We are not going to comment on rumours, the spokesman said on Tuesday.',
+    '"It is a big step forward for the whole region," he added.',
+    '"Nobody expected the figures to be this weak," an analyst wrote.',
+    '"Prices will rise again next quarter.',
+    '"Our customers come first" was the slogan of the campaign.',
+    '"That is simply not true," the minister told reporters in the capital.',
+    '"The deal is done," both companies said in a joint statement.',
+]
+PLAIN = [
+    "Shares of the company fell {n} percent in early trading.",
+    "The board approved the plan after a {n}-hour meeting.",
+    "Officials said {n} people were evacuated from the building.",
+    "The report was published on day {n} of the inquiry.",
+    'The agency called the result "encouraging" in its note {n}.',
+]
+
+
+def mrpc_style_rows(count: int = 40) -> list[tuple[str, str, str, str, str]]:
+    """(label, id1, id2, sentence1, sentence2): every fifth first sentence and every
+    seventh second sentence start with a quote; the others may hold quotes inside."""
+    rows = []
+    for i in range(count):
+        first = QUOTED[i // 5 % len(QUOTED)] if i % 5 == 0 else PLAIN[i % 5].format(n=i)
+        second = (QUOTED[(i + 3) % len(QUOTED)] if i % 7 == 3
+                  else PLAIN[(i + 2) % 5].format(n=i + 1))
+        rows.append((str(i % 2), str(1000 + 2 * i), str(1001 + 2 * i), first, second))
+    return rows
+
+
+def write_mrpc_style_task(folder, train_rows: int = 40, dev_rows: int = 8):
+    """A custom task YAML over MRPC-style train.tsv / dev.tsv; returns (yaml, train rows,
+    dev rows)."""
+    header = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    rows = mrpc_style_rows(train_rows + dev_rows)
+    train, dev = rows[:train_rows], rows[train_rows:]
+    for name, part in (("train", train), ("dev", dev)):
+        _write(folder / f"{name}.tsv", header + "".join("\t".join(r) + "\n" for r in part))
+    spec = _write(folder / "paraphrase.yaml",
+                  "name: paraphrase\ntrain: train.tsv\ndev: dev.tsv\n"
+                  "text_columns: ['#1 String', '#2 String']\nlabel_column: Quality\n"
+                  "id_column: '#1 ID'\nlabels: ['0', '1']\nmetrics: [accuracy, f1]\n")
+    return spec, train, dev
+
+
+def test_tsv_fields_starting_with_a_quote_are_text_and_every_row_is_read(tmp_path):
+    spec, train, dev = write_mrpc_style_task(tmp_path)
+    task = load_custom_task(spec)
+    rows = task.read("train")
+    assert len(rows) == 40 and rows.skipped == 0
+    assert rows.ids == [r[1] for r in train]
+    assert rows.texts == [(r[3], r[4]) for r in train]
+    assert rows.labels == [int(r[0]) for r in train]
+    # the quoted fields come out exactly as written, quotes included
+    assert rows.texts[0][0] == ('"The same three members of the response team were '
+                                'there," said the report.')
+    assert rows.texts[5][0] == ('"We are not going to comment on rumours, the spokesman '
+                                'said on Tuesday.')
+    assert rows.texts[3][1] == ('"That is simply not true," the minister told reporters in '
+                                'the capital.')
+    starts = sum(text.startswith('"') for pair in rows.texts for text in pair)
+    assert starts == 8 + 6  # 8 first sentences (i % 5 == 0), 6 second ones (i % 7 == 3)
+    assert len(task.read("dev")) == 8
+    # a GLUE name reads through the same path: load_task on the YAML
+    assert len(load_task(str(spec)).read(task.task.split("train"))) == 40
+
+
+def test_a_tsv_row_with_more_fields_than_the_header_names_file_and_line(tmp_path):
+    train = _write(tmp_path / "train.tsv",
+                   "label\ttext\n1\tfine\n0\ta tab\tinside the text\n1\tgood\n0\t\"ok\n")
+    _write(tmp_path / "dev.tsv", "label\ttext\n1\tok\n")
+    spec = _write(tmp_path / "t.yaml", "name: t\ntrain: train.tsv\ndev: dev.tsv\n"
+                  "text_columns: [text]\nlabel_column: label\nlabels: ['0', '1']\n")
+    with pytest.raises(TaskDataError, match=f"^{train}:3: 3 fields, expected 2"):
+        load_custom_task(spec).read("train")
+    spec.write_text(spec.read_text() + "skip_bad_rows: true\n")
+    rows = load_custom_task(spec).read("train")
+    assert rows.texts == [("fine",), ("good",), ('"ok',)] and rows.skipped == 1
+    # CSV too: a row wider than the header is an error; a short row lacks a field
+    csv_file = _write(tmp_path / "train.csv", 'label,text\n1,"a, b"\n0,x,y\n')
+    spec.write_text(spec.read_text().replace("train.tsv", "train.csv")
+                    .replace("skip_bad_rows: true\n", ""))
+    with pytest.raises(TaskDataError, match=f"^{csv_file}:3: 3 fields, expected 2$"):
+        load_custom_task(spec).read("train")
+    csv_file.write_text("label,text\n1,fine\n0\n")
+    with pytest.raises(TaskDataError, match=f"^{csv_file}:3: missing field 'text'$"):
+        load_custom_task(spec).read("train")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_a_bom_empty_lines_and_a_torn_last_line_are_read(tmp_path, suffix):
+    lines = {".csv": ["text,label", "first one,pos", "", "second one,neg"],
+             ".tsv": ["text\tlabel", "first one\tpos", "", "second one\tneg"],
+             ".jsonl": ['{"text": "first one", "label": "pos"}', "",
+                        '{"text": "second one", "label": "neg"}']}[suffix]
+    data = tmp_path / f"train{suffix}"
+    data.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode())  # no final newline
+    spec = _write(tmp_path / "t.yaml", f"name: t\ntrain: train{suffix}\ndev: train{suffix}\n"
+                  "text_columns: [text]\nlabel_column: label\n")
+    task = load_custom_task(spec)
+    assert task.task.labels == ("neg", "pos")  # the header's first name is 'text', no BOM
+    rows = task.read("train")
+    assert rows.texts == [("first one",), ("second one",)] and rows.labels == [1, 0]
+
+
+def test_a_utf16_task_file_is_refused_in_one_line(tmp_path):
+    data = tmp_path / "train.tsv"
+    data.write_bytes("text\tlabel\nfirst one\tpos\n".encode("utf-16"))
+    _write(tmp_path / "dev.tsv", "text\tlabel\nok\tpos\n")
+    spec = _write(tmp_path / "t.yaml", "name: t\ntrain: train.tsv\ndev: dev.tsv\n"
+                  "text_columns: [text]\nlabel_column: label\nlabels: [neg, pos]\n")
+    with pytest.raises(ConfigError) as err:
+        load_custom_task(spec).read("train")
+    message = str(err.value)
+    assert len(message.splitlines()) == 1
+    assert message.startswith(f"task t: train: {data} looks like a binary file")
+    assert "UTF-16" in message

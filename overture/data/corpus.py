@@ -91,26 +91,31 @@ def resolve_sources(corpus: list[str], cache_dir: Path) -> list[Source]:
             for m in matches:
                 kind = ROW_FORMATS.get(Path(m).suffix.lower(), "text")
                 if kind != "parquet":
-                    with open(m, "rb") as f:
-                        head = f.read(SNIFF_BYTES)
-                    _refuse_binary(m, head)
+                    head = check_text_file(m, "data.corpus")
                     if kind == "jsonl" and head.lstrip().startswith(b"["):
                         kind = "json"  # one JSON array of rows, not JSON Lines
                 sources.append(Source(kind, m))
     return sources
 
 
-def _refuse_binary(path: str, head: bytes) -> None:
-    """A program, archive or image given as a corpus would otherwise be "read" as text
-    (every invalid byte replaced): refuse a file whose start has NUL bytes or is largely
-    not UTF-8 (Latin-1 text has a few invalid bytes, which are repaired and counted)."""
+def check_text_file(path: str | os.PathLike, what: str) -> bytes:
+    """The first bytes of ``path`` after checking that it holds UTF-8 text; every command
+    that reads text files calls this. A program, archive, image or UTF-16 file would
+    otherwise be "read" as text (every invalid byte replaced): refuse a file whose start
+    has NUL bytes or is largely not UTF-8 (Latin-1 text has a few invalid bytes, which
+    are repaired and counted). ``what`` names the option or key in the message."""
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
     text = head.decode("utf-8", errors="replace")
     bad = text.count("\ufffd") - _count_literal_fffd(head)
     reason = "NUL bytes" if b"\0" in head else f"{bad} invalid UTF-8 sequences"
-    if b"\0" in head or bad > max(1, 0.3 * len(text)):
-        raise ConfigError(f"data.corpus: {path} looks like a binary file, not text ({reason} "
-                          f"in its first {len(head)} bytes); corpus files are UTF-8 text "
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        reason = "a UTF-16 byte-order mark"
+    if reason.startswith("a UTF-16") or b"\0" in head or bad > max(1, 0.3 * len(text)):
+        raise ConfigError(f"{what}: {path} looks like a binary file, not text ({reason} "
+                          f"in its first {len(head)} bytes); text files must be UTF-8 "
                           "(convert UTF-16 first), JSONL, CSV/TSV or Parquet")
+    return head
 
 
 def iter_documents(source: Source, text_column: str, hf_split: str,
@@ -216,12 +221,15 @@ def _iter_jsonl(path: str, text_column: str, stats: CorpusStats) -> Iterator[obj
 
 
 def _iter_csv(path: str, text_column: str, stats: CorpusStats) -> Iterator[object]:
-    """CSV / TSV with the standard library's reader over our decoded lines (quoted fields
-    may span lines), so invalid UTF-8 is replaced and counted like in text files."""
+    """CSV / TSV with the standard library's reader over our decoded lines, so invalid
+    UTF-8 is replaced and counted like in text files. CSV: quoted fields (which may span
+    lines); TSV has no quoting: a ``"`` is text and each line is one row."""
     csv.field_size_limit(2**31 - 1)  # a whole document may sit in one cell (default: 128 KB)
+    tsv = path.lower().endswith(".tsv")
     with _open_utf8(path) as f:
         reader = csv.DictReader((_decode(raw, stats) for raw in f),
-                                delimiter="\t" if path.lower().endswith(".tsv") else ",")
+                                **({"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv
+                                   else {"delimiter": ","}))
         try:
             if reader.fieldnames is None:  # an empty file
                 return

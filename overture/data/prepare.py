@@ -164,7 +164,8 @@ def _build(builder: ExampleBuilder, data: DataConfig, sources, eval_sources, fol
     schema = builder.schema()
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                desc="prepare", disable=not progress, dynamic_ncols=True)
-    with pa.OSFile(str(tmp / "train.arrow"), "wb") as ftrain, \
+    # the bar is closed before any error is printed (the error stays the last line)
+    with bar, pa.OSFile(str(tmp / "train.arrow"), "wb") as ftrain, \
             pa.OSFile(str(tmp / "eval.arrow"), "wb") as feval, \
             pa.ipc.new_stream(ftrain, schema) as wtrain, \
             pa.ipc.new_stream(feval, schema) as weval:
@@ -182,7 +183,6 @@ def _build(builder: ExampleBuilder, data: DataConfig, sources, eval_sources, fol
                     weval.write_batch(batch.slice(0, room))
                     counts["eval_examples"] += min(room, batch.num_rows)
             bar.update(nbytes)
-    bar.close()
     if corpus.documents == 0:
         raise ConfigError(f"data.corpus {data.corpus}: the corpus is empty (documents: 0, "
                           f"empty lines skipped: {corpus.empty_lines_skipped})")

@@ -57,14 +57,13 @@ class ImageEncoder:
             raise ConfigError(f"--batch-size={batch_size} must be at least 1")
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         bar = tqdm(total=len(images), unit="img", disable=not progress)
-        with torch.inference_mode():
+        with bar, torch.inference_mode():  # the bar is closed before any error is printed
             for start in range(0, len(images), batch_size):
                 chunk = [_open(im) for im in images[start:start + batch_size]]
                 x = torch.stack([self.transform(im) for im in chunk]).to(self.device)
                 out[start:start + len(chunk)] = image_models.pooled_features(
                     self.model, x).float().cpu().numpy()
                 bar.update(len(chunk))
-        bar.close()
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
@@ -104,7 +103,10 @@ def list_images(path: Path) -> list[str]:
         raise ConfigError(f"--input {path}: no such file or folder")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return [str(path)]
-    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace")
+    from overture.data.corpus import check_text_file
+
+    check_text_file(path, "--input")  # a UTF-16 list is refused, not read as garbage
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig", errors="replace")
              .splitlines() if line.strip()]
     files = [str((path.parent / line) if not Path(line).is_absolute() else Path(line))
              for line in lines]

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 
 from ...atomic import fresh_tmp_dir, publish_dir
-from ...config import ConfigError
+from ...errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,6 @@ SOURCES = {
 }
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def convert_to_long(checkpoint: str, output: str | Path, max_length: int = 4096,
                     window: int = 512) -> Path:
     """Write a LongformerForMaskedLM folder (and the source's tokenizer, its
@@ -53,7 +48,7 @@ def convert_to_long(checkpoint: str, output: str | Path, max_length: int = 4096,
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from ...generate import resolve_checkpoint
+    from ...hub import resolve_checkpoint
 
     output = Path(output).expanduser()
     if output.exists():
@@ -70,10 +65,16 @@ def convert_to_long(checkpoint: str, output: str | Path, max_length: int = 4096,
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"{where}: not a transformers checkpoint ({_first_line(err)})") from None
+        raise ConfigError(f"{where}: not a transformers checkpoint ({first_line(err)})") from None
     if config.model_type not in SOURCES:
         raise ConfigError(f"{where} holds a {config.model_type!r} model; convert-long takes a "
                           f"BERT or RoBERTa masked LM ({', '.join(SOURCES)})")
+    # a RoBERTa source numbers positions from pad_token_id + 1: its inputs are shorter
+    positions = config.max_position_embeddings - SOURCES[config.model_type][1](
+        config.pad_token_id or 0)
+    if max_length <= positions:
+        raise ConfigError(f"--max-length={max_length} must exceed the {positions} positions of "
+                          f"{where} (a long model longer than its source; nothing was written)")
     if config.hidden_act != "gelu":
         raise ConfigError(f"{where}: hidden_act={config.hidden_act!r}; Longformer's masked-LM "
                           "head uses gelu, so only gelu models convert exactly")
@@ -86,7 +87,7 @@ def convert_to_long(checkpoint: str, output: str | Path, max_length: int = 4096,
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise ConfigError(f"{where}: cannot load its model or tokenizer "
-                          f"({_first_line(err)})") from None
+                          f"({first_line(err)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
