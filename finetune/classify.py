@@ -142,6 +142,14 @@ class Classify:
     example_outputs = ("predictions", "references", "eval_split")
     auto_class: ClassVar[str] = "AutoModelForSequenceClassification"
 
+    @staticmethod
+    def encoder(checkpoint, **options):
+        """An ``overture.features.Encoder`` of a fine-tuned classifier: its encoder's
+        features, the classification head dropped."""
+        from overture.features import load
+
+        return load(checkpoint, **options)
+
     def __init__(self, recipe):
         from overture.hub import resolve_checkpoint
 

@@ -38,6 +38,8 @@ RESUMABLE = {"name", "description", "output_dir", "data.cache_dir", "data.num_pr
                  "max_nonfinite_steps", "best_metric", "best_mode",
                  "early_stopping_patience"))}
 RESUMABLE_PHASE = {"steps", "batch_size"}
+RESUMABLE_UPDATE = {"lr", "warmup_steps", "lr_schedule"}
+"""An update's own settings (train.updates.NAME.KEY) that a resume may change."""
 LENGTH = ("train.max_steps", "train.epochs", "phases")
 
 
@@ -121,7 +123,9 @@ def _check_compatible(recipe: Recipe, checkpoint: Path) -> None:
     data, masking, sequence length, seed...), naming every changed key."""
     refused = {key: change for key, change in changed_settings(recipe, checkpoint).items()
                if key not in RESUMABLE
-               and not re.fullmatch(rf"phases\[\d+\]\.({'|'.join(RESUMABLE_PHASE)})", key)}
+               and not re.fullmatch(rf"phases\[\d+\]\.({'|'.join(RESUMABLE_PHASE)})", key)
+               and not re.fullmatch(rf"train\.updates\.[^.]+\.({'|'.join(RESUMABLE_UPDATE)})",
+                                    key)}
     if refused:
         shown = "; ".join(f"{key}: {before!r} -> {after!r}"
                           for key, (before, after) in refused.items())

@@ -17,6 +17,7 @@ import os
 import sys
 
 from .config import ConfigError, bundled_recipes, load_recipe
+from .registry import family_name
 from .errors import Interrupted, RunError, one_line
 
 
@@ -281,10 +282,29 @@ def _recipes(args) -> int:
 def _generate(args) -> int:
     from .generate import generate
 
-    print(generate(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed))
+    family = _checkpoint_family(args.checkpoint)
+    if family is not None and not hasattr(family, "sample"):
+        raise ConfigError(f"--checkpoint {args.checkpoint} is {_a(family_name(family))} "
+                          "checkpoint, not a causal-LM checkpoint: generate takes a GPT-style "
+                          "one (a gpt family final/ or a transformers causal LM)")
+    sample = family.sample if family is not None else generate  # another causal LM
+    print(sample(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 seed=args.seed))
     return 0
+
+
+def _checkpoint_family(checkpoint: str):
+    """The family of a checkpoint (None: another transformers model), once the path or
+    Hub name is known to exist (a missing one is named at once)."""
+    from .hub import resolve_checkpoint
+    from .registry import checkpoint_family
+
+    return checkpoint_family(resolve_checkpoint(checkpoint))
+
+
+def _a(name: str) -> str:
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def _finetune(args) -> int:
@@ -321,13 +341,18 @@ def _glue(args) -> int:
 
 
 def _probe(args) -> int:
-    from .pretrain.image.probe import probe
-
     if not 0 < args.eval_fraction < 1:
         raise ConfigError(f"--eval-fraction={args.eval_fraction} must be between 0 and 1")
-    print(json.dumps(probe(args.checkpoint, args.data, args.eval_data, args.eval_fraction,
-                           args.method, args.random_init, args.seed, args.batch_size,
-                           args.cache_dir, args.data_seed), indent=2))
+    family = _checkpoint_family(args.checkpoint)
+    if not hasattr(family, "probe"):
+        what = _a(family_name(family)) if family is not None else "a transformers"
+        raise ConfigError(f"--checkpoint {args.checkpoint} is {what} checkpoint; probe takes "
+                          "an image checkpoint (a final/ of the image or simclr family)")
+    print(json.dumps(family.probe(
+        args.checkpoint, args.data, eval_data=args.eval_data, eval_fraction=args.eval_fraction,
+        method=args.method, random_init=args.random_init, seed=args.seed,
+        batch_size=args.batch_size, cache_dir=args.cache_dir, data_seed=args.data_seed),
+        indent=2))
     return 0
 
 
@@ -348,14 +373,13 @@ def _features(args) -> int:
         raise ConfigError(f"--output {output}: use one of {', '.join(OUTPUT_FORMATS)}")
     if output.exists() and not args.overwrite:
         raise ConfigError(f"--output {output} exists; remove it or pass --overwrite")
-    if _is_image_checkpoint(args.checkpoint):
-        from .pretrain.image.features import ImageEncoder, list_images
-
+    family = _checkpoint_family(args.checkpoint)
+    if family is not None and family.unit == "images":
         if args.layer != "-1" or args.pooling != "mean" or args.max_length is not None:
             raise ConfigError("--layer, --pooling and --max-length are for text checkpoints; "
                               "an image checkpoint gives its pooled features")
-        files = list_images(Path(args.input))
-        embeddings = ImageEncoder(args.checkpoint).encode(
+        files = family.inputs(Path(args.input))
+        embeddings = family.encoder(args.checkpoint).encode(
             files, batch_size=args.batch_size, normalize=args.normalize, progress=True)
         write_features(output, files, embeddings, overwrite=args.overwrite)
         return 0
@@ -365,7 +389,9 @@ def _features(args) -> int:
                           "timm / torchvision model there or in its final/)")
     check_checkpoint(args.checkpoint, args.max_length, layers)  # its config, no weights
     ids, texts = read_texts(Path(args.input), args.column, args.id_column)
-    encoder = load(args.checkpoint, max_length=args.max_length)
+    # the family's encoder; any other transformers encoder embeds too
+    encoder = (family.encoder if family is not None else load)(args.checkpoint,
+                                                                max_length=args.max_length)
     embeddings = encoder.encode(texts, pooling=args.pooling, layer=layers,
                                 normalize=args.normalize, batch_size=args.batch_size,
                                 progress=True)
@@ -373,18 +399,11 @@ def _features(args) -> int:
     return 0
 
 
-def _is_image_checkpoint(checkpoint: str) -> bool:
-    from pathlib import Path
-
-    from .pretrain.image.models import final_folder, is_image_checkpoint
-
-    return is_image_checkpoint(final_folder(Path(checkpoint)))
-
-
 def _convert_long(args) -> int:
-    from .pretrain.text.convert_long import convert_to_long
+    from .registry import get_family
 
-    print(convert_to_long(args.checkpoint, args.output, args.max_length, args.window))
+    print(get_family("longformer").convert_from(args.checkpoint, args.output,
+                                                args.max_length, args.window))
     return 0
 
 

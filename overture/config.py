@@ -114,6 +114,38 @@ class Phase:
     """Overrides objective.max_predictions_per_seq for this phase (masked-LM families)."""
 
 
+UPDATE_KEYS = ("lr", "optimizer", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+               "lr_schedule", "warmup_steps")
+"""The train settings an update may set for its own optimizer (train.updates.NAME)."""
+
+
+@dataclass
+class UpdateOptions:
+    """``train.updates.NAME``: the optimizer settings of one update (a GAN's generator and
+    discriminator), over train's and the family's defaults; null keeps those."""
+
+    lr: float | None = None
+    optimizer: str | None = None
+    """adamw or lamb."""
+    weight_decay: float | None = None
+    adam_beta1: float | None = None
+    adam_beta2: float | None = None
+    adam_epsilon: float | None = None
+    lr_schedule: str | None = None
+    """linear, cosine or constant."""
+    warmup_steps: int | None = None
+    """Warmup in this update's own optimizer steps."""
+
+    def validate(self, where: str = "train.updates") -> None:
+        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        # checked as the train settings they replace (same ranges, same messages)
+        probe = TrainConfig(**given)
+        try:
+            probe.validate()
+        except ConfigError as err:
+            raise ConfigError(str(err).replace("train.", f"{where}.", 1)) from None
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop."""
@@ -158,6 +190,9 @@ class TrainConfig:
     eval_batches: int = 20
     """Held-out batches per evaluation: the first eval_batches x batch_size held-out
     examples, each evaluated once whatever the number of processes."""
+    eval_examples: int | None = None
+    """Held-out examples per evaluation, in place of eval_batches (a sample-based metric
+    such as FID needs thousands); null: eval_batches x batch_size."""
     log_every: int = 10
     """Write a metrics record every N steps."""
     save_every: int = 0
@@ -188,10 +223,26 @@ class TrainConfig:
     """DataLoader worker processes."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device for the MFU estimate (null: known GPUs are looked up)."""
+    updates: dict[str, UpdateOptions] = field(default_factory=dict)
+    """Per-update optimizer settings by update name (a GAN: generator / discriminator lr
+    and betas): ``train.updates.generator.lr=1e-4``; unset keys are train's."""
+
+    def for_update(self, name: str, defaults: dict | None = None) -> "TrainConfig":
+        """This config with update ``name``'s settings: the family's ``defaults`` for it
+        (``Update.options``), then ``train.updates.NAME`` from the recipe."""
+        given = {**(defaults or {}), **{
+            k: v for k, v in dataclasses.asdict(self.updates.get(name, UpdateOptions())).items()
+            if v is not None}}
+        return dataclasses.replace(self, **given) if given else self
 
     def validate(self) -> None:
         positive(self, "train", "max_steps", "batch_size", "gradient_accumulation_steps",
                   "lr", "log_every", "eval_batches", "keep_last")
+        if self.eval_examples is not None and self.eval_examples <= 0:
+            raise ConfigError(f"train.eval_examples={self.eval_examples} must be positive "
+                              "(or null: train.eval_batches batches)")
+        for name, options in self.updates.items():
+            options.validate(f"train.updates.{name}")
         choice(self, "train", "optimizer", ("adamw", "lamb"))
         choice(self, "train", "lr_schedule", ("linear", "cosine", "constant"))
         choice(self, "train", "mixed_precision", ("no", "fp16", "bf16"))
@@ -332,6 +383,15 @@ def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None) -
     given = parse_overrides(overrides or [])
     for key, (item, value) in given.items():
         _set_dotted(raw, key, value, item)
+    train = raw.get("train")
+    if "train.max_steps" in given and isinstance(train, dict) and train.get("epochs") is not None:
+        # the user's max_steps wins over the recipe's epochs, as transformers.Trainer's
+        # max_steps over num_train_epochs; both given on the command line contradict
+        if "train.epochs" in given:
+            raise ConfigError(f"command-line overrides {given['train.max_steps'][0]!r} and "
+                              f"{given['train.epochs'][0]!r} both set the length of training; "
+                              "give one of them")
+        train["epochs"] = None
     return recipe_from_dict(raw, where=Where(str(path), {k: v[0] for k, v in given.items()}))
 
 
@@ -504,6 +564,8 @@ def _coerce(tp: Any, value: Any, where: str, dotted: str) -> Any:
             pass
     if origin is dict and not isinstance(value, dict):
         raise ConfigError(f"{_where(where, dotted)}: {dotted} must be a mapping, got {value!r}")
+    if origin is dict and dataclasses.is_dataclass(args[1]):  # sections keyed by name
+        return {str(k): from_dict(args[1], v, where, f"{dotted}.{k}.") for k, v in value.items()}
     if tp in (int, float, str, bool) and not (isinstance(value, tp)
                                               and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{_where(where, dotted)}: {dotted} must be {tp.__name__}, got {value!r}")

@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import signal
-import threading
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -23,17 +22,19 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (export_final, find_resume_point, flatten, is_finished,
-                         latest_checkpoint, load_checkpoint, publish_best_as_final,
-                         save_checkpoint)
-from .config import ConfigError, Phase, Recipe
-from .data.prepare import IndexedDataset
-from .errors import Interrupted, NonFiniteLoss
+                         load_checkpoint, publish_best_as_final, save_checkpoint)
+from .config import ConfigError, Phase, Recipe, TrainConfig
+from .errors import Interrupted
+from .evaluation import Evaluator
 from .launch import configure_accelerator, world_size
-from .metrics_log import MetricsLog
+from .loaders import micro_batches, train_loader
+from .metrics_log import Interval, MetricsLog, UnitCounter, log_record
 from .objective import Objective, Update
 from .optim import build_optimizer, build_scheduler
-from .registry import build_objective
+from .registry import build_objective, get_family
 from .rundir import claim_run_dir
+from .state import TrainState
+from .stopping import StopSignals, agree_to_stop, count_skips
 
 log = logging.getLogger(__name__)
 
@@ -42,85 +43,8 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
                "L4": 121.0, "V100": 125.0, "RTX 4090": 165.0, "A6000": 155.0, "T4": 65.0}
 
 
-@dataclass
-class TrainState:
-    """Where the run is: saved with every checkpoint, so resume continues the data stream."""
-
-    step: int = 0
-    phase: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    """Micro-batches of this epoch already consumed (per process)."""
-    units_seen: int = 0
-    """Units (tokens, images) trained on so far, all processes, counted every step."""
-    best_value: float | None = None
-    """Best ``train.best_metric`` so far, and the step of that evaluation."""
-    best_step: int = -1
-    evals_since_best: int = 0
-    """Evaluations since the best one (early stopping)."""
-    world_size: int = 1
-    batch_size: int = 0
-    """Processes and per-process micro-batch when saved: a resume on another number of
-    processes or batch size re-shards the data position (``reshard``)."""
-    finished: bool = False
-    """The run reached its last step (or stopped early): re-running it changes nothing."""
-    nonfinite_steps: int = 0
-    """Steps skipped because the loss was NaN / infinite (train.max_nonfinite_steps)."""
-    scaler_skipped_steps: int = 0
-    """fp16 steps the loss scaler skipped (overflowing gradients; normal early on)."""
-    interval: dict | None = None
-    """Sums since the last metrics record, so that the first record after a resume
-    averages the same steps as an uninterrupted run would."""
-
-    def reshard(self, world_size: int, batch_size: int) -> None:
-        """Express the data position in micro-batches of ``batch_size`` on ``world_size``
-        processes. Every process takes its own batch from one shared order, so the first
-        ``batch_in_epoch * world_size * batch_size`` examples of the epoch are consumed."""
-        if not self.batch_size or (world_size, batch_size) == (self.world_size, self.batch_size):
-            return
-        consumed = self.batch_in_epoch * self.world_size * self.batch_size
-        if consumed % (world_size * batch_size):
-            raise ConfigError(
-                f"cannot resume at this data position with {world_size} process(es) x batch "
-                f"{batch_size}: the checkpoint consumed {consumed} examples of the epoch "
-                f"({self.world_size} x {self.batch_size} per step), not a multiple of "
-                f"{world_size * batch_size}; resume with the original layout, or a batch "
-                "layout that divides it")
-        self.batch_in_epoch = consumed // (world_size * batch_size)
-        self.world_size, self.batch_size = world_size, batch_size
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A fresh permutation per epoch, a pure function of (seed, epoch): every process
-    agrees on it and a resumed run sees the same order.
-
-    With ``lengths`` (group by length), the permutation is cut into groups of
-    ``group`` examples and each group is sorted by length, longest first: batches hold
-    similar lengths (less padding) and their order stays random. With ``tagged``, each
-    index comes as ``epoch * size + index``.
-    """
-
-    def __init__(self, size: int, seed: int, lengths: list[int] | None = None,
-                 group: int = 0, tagged: bool = False):
-        self.size, self.seed, self.epoch = size, seed, 0
-        self.lengths, self.group, self.tagged = lengths, group, tagged
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        if self.lengths is not None:
-            order = [i for start in range(0, self.size, self.group)
-                     for i in sorted(order[start:start + self.group],
-                                     key=lambda i: -self.lengths[i])]
-        if self.tagged:  # epoch * size + index: see IndexedDataset(epoch_tagged=True)
-            order = [self.epoch * self.size + i for i in order]
-        return iter(order)
-
-    def __len__(self) -> int:
-        return self.size
 
 
 @dataclass
@@ -134,8 +58,14 @@ class Trainer:
     optimizers: dict
     schedulers: dict
 
-    def lr(self) -> float:
-        return self.schedulers[self.updates[0].name].get_last_lr()[0]
+    def lrs(self) -> dict[str, float]:
+        """The current learning rate of every update, by name."""
+        return {u.name: self.schedulers[u.name].get_last_lr()[0] for u in self.updates}
+
+    def settings(self, cfg: TrainConfig) -> dict[str, TrainConfig]:
+        """Each update's optimizer settings: train's, the family's ``Update.options``,
+        then the recipe's ``train.updates.NAME``."""
+        return {u.name: cfg.for_update(u.name, u.options) for u in self.updates}
 
 
 def setup_trainer(recipe: Recipe, objective: Objective, accelerator) -> Trainer:
@@ -148,10 +78,15 @@ def setup_trainer(recipe: Recipe, objective: Objective, accelerator) -> Trainer:
     for module in objective.frozen_models().values():  # never wrapped, never stepped
         module.requires_grad_(False).eval().to(accelerator.device)
     updates = objective.updates()
-    optimizers = {u.name: build_optimizer([models[m] for m in u.models], cfg,
+    unknown = sorted(set(cfg.updates) - {u.name for u in updates})
+    if unknown:
+        raise ConfigError(f"train.updates.{unknown[0]}: objective {recipe.objective.name!r} "
+                          f"has the updates {', '.join(u.name for u in updates)}")
+    settings = {u.name: cfg.for_update(u.name, u.options) for u in updates}
+    optimizers = {u.name: build_optimizer([models[m] for m in u.models], settings[u.name],
                                           accelerator.device) for u in updates}
     # an update that runs every k-th step takes ceil(total / k) scheduler steps
-    schedulers = {u.name: build_scheduler(optimizers[u.name], cfg,
+    schedulers = {u.name: build_scheduler(optimizers[u.name], settings[u.name],
                                           math.ceil(recipe.total_steps / u.every))
                   for u in updates}
     names = list(models)
@@ -189,11 +124,21 @@ def train(recipe: Recipe, progress: bool = True) -> Path:
     cpu = world_size() > 1 and not torch.accelerator.is_available()
     accelerator = Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision,
                               log_with=recipe.train.report_to or None,
-                              project_dir=str(run_dir), step_scheduler_with_optimizer=False)
+                              project_dir=str(run_dir), step_scheduler_with_optimizer=False,
+                              kwargs_handlers=ddp_kwargs(get_family(recipe.objective.name)))
     configure_accelerator(accelerator, recipe)  # DeepSpeed: refuse accumulation
     # one run per folder; half-written saves of a crashed run are cleared first
     with claim_run_dir(run_dir, accelerator.is_main_process):
         return _train(recipe, accelerator, progress)
+
+
+def ddp_kwargs(family: type) -> list:
+    """The family's DistributedDataParallel options (``ddp_options``) as Accelerate's
+    kwargs handler; none when it declares none."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    options = getattr(family, "ddp_options", None) or {}
+    return [DistributedDataParallelKwargs(**options)] if options else []
 
 
 def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
@@ -227,7 +172,7 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
                               f"{total_steps} steps: raise train.max_steps (or the phases' "
                               "steps), or give a new output_dir to start another run")
         _resume_layout(state, recipe, phases, accelerator)
-        _apply_lr(trainer, cfg.lr)  # a changed train.lr is allowed and takes effect
+        _apply_lr(trainer, cfg)  # a changed train.lr (or an update's) takes effect
         log.info("resumed from %s at step %d", resume_from, state.step)
     # an existing log is cut back to its complete records up to the step resumed from
     metrics_log = MetricsLog(run_dir / "metrics.jsonl", state.step) if is_main else None
@@ -239,11 +184,12 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
     peak = _peak_tflops(cfg.peak_tflops, accelerator.device)
     deadline = time.monotonic() + cfg.max_time * 60 if cfg.max_time else None
     units = UnitCounter(state, accelerator)
+    evaluator = Evaluator(trainer, accelerator, metrics_log, run_dir)
 
     # ------------------------------------------------------------------ loop
     bar = _progress_bar(total_steps, state.step, progress and is_main)
+    logs_above_bar = _logs_above(bar)
     saved_step = state.step if resume_from is not None else -1
-    eval_loader = None
     out_of_time = stop_early = False
     stop = StopSignals()
     try:
@@ -257,50 +203,41 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
             state.world_size, state.batch_size = accelerator.num_processes, phase.batch_size
             with accelerator.main_process_first():
                 data = objective.prepare(phase, progress=progress and is_main)
-            collator = objective.collator(phase)
-            train_loader, sampler = _train_loader(data.train, collator, phase, recipe, accelerator)
-            eval_loader = _eval_loader(data.eval, objective.collator(phase), phase, recipe,
-                                       accelerator)
-            if len(data.eval) == 0:  # said once; evaluate() would return nothing
-                eval_loader = None
-                if is_main:
-                    where = f" in phase {phase_index}" if len(phases) > 1 else ""
-                    log.warning("0 held-out examples%s (data.eval_fraction=%s): no "
-                                "evaluation is run, the final one included", where,
-                                getattr(recipe.data, "eval_fraction", None))
-            micro_batches = _micro_batches(train_loader, sampler, state, accelerator)
-            if state.step == 0 and cfg.eval_every and eval_loader is not None:
-                # the untrained baseline (no RNG drawn)
-                _log({"split": "eval", "step": 0,
-                      **evaluate(trainer, eval_loader, accelerator)},
-                     metrics_log, accelerator, 0)
+            loader, sampler = train_loader(data.train, objective.collator(phase), phase,
+                                           recipe, accelerator)
+            batches = micro_batches(loader, sampler, state, accelerator)
+            evaluator.set_phase(data.eval, objective.collator(phase), phase, recipe)
+            if not evaluator.enabled and is_main:  # said once; nothing to evaluate
+                where = f" in phase {phase_index}" if len(phases) > 1 else ""
+                log.warning("0 held-out examples%s (data.eval_fraction=%s): no evaluation "
+                            "is run, the final one included", where,
+                            getattr(recipe.data, "eval_fraction", None))
+            if state.step == 0 and cfg.eval_every:  # the untrained baseline
+                evaluator.run(0)
             stop_early = False
             interval = Interval(objective, accelerator, state.interval)
             state.interval = None
             while state.step < phase_end:
-                step_stats = train_step(trainer, micro_batches, accelerator, cfg, state.step)
+                step_stats = train_step(trainer, batches, accelerator, cfg, state.step)
                 state.step += 1
                 units.add(step_stats["units"])
-                _count_skips(step_stats, state, cfg, run_dir)
+                count_skips(step_stats, state, cfg, run_dir)
                 interval.add(step_stats)
                 bar.update(1)
-                out_of_time, signalled = _agree_to_stop(deadline, stop, accelerator)
+                out_of_time, signalled = agree_to_stop(deadline, stop, accelerator)
                 out_of_time = out_of_time or signalled
                 # a signalled stop saves the open interval with the checkpoint instead
                 if (state.step % cfg.log_every == 0 or state.step == phase_end
                         or (out_of_time and not signalled)):
                     units.settle()
-                    record = interval.flush(state, trainer.lr(), peak, phase)
+                    record = interval.flush(state, trainer.lrs(), peak, phase)
                     unit = objective.unit
                     bar.set_postfix({"loss": f"{record['loss']:.3f}",
                                      f"{unit}/s": f"{record[f'{unit}_per_s']:,.0f}"})
-                    _log(record, metrics_log, accelerator, state.step)
-                eval_due = (cfg.eval_every and state.step % cfg.eval_every == 0
-                            and eval_loader is not None)
-                if eval_due and state.step < total_steps:
-                    metrics = evaluate(trainer, eval_loader, accelerator)
-                    _log({"split": "eval", "step": state.step, **metrics},
-                         metrics_log, accelerator, state.step)
+                    log_record(record, metrics_log, accelerator, state.step)
+                eval_due = cfg.eval_every and state.step % cfg.eval_every == 0
+                if eval_due and state.step < total_steps and evaluator.enabled:
+                    metrics = evaluator.run(state.step)
                     stop_early = _track_best(metrics, state, cfg, accelerator, recipe, trainer)
                 out_of_time = out_of_time or stop_early
                 # the last step is saved below, once the run is marked finished
@@ -325,18 +262,17 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
     finally:  # also when the loop raises: the bar is closed before the error is printed
         stop.restore()
         bar.close()
+        logs_above_bar.close()
 
     # ------------------------------------------------------------------ finish
     units.settle()
-    if eval_loader is not None:  # draws no RNG: the checkpoint below is unaffected
-        metrics = evaluate(trainer, eval_loader, accelerator)
-        _log({"split": "eval", "step": state.step, **metrics}, metrics_log, accelerator,
-             state.step)
+    if evaluator.enabled:  # a forked RNG: the checkpoint below is unaffected
+        metrics = evaluator.run(state.step)
         _track_best(metrics, state, cfg, accelerator, recipe, trainer)
     # a run stopped by max_time is not finished: the same command continues it
     state.finished = not (out_of_time and not stop_early and state.step < total_steps)
     # saved again when the last evaluation changed the best-model record
-    if saved_step != state.step or (cfg.best_metric and eval_loader is not None):
+    if saved_step != state.step or (cfg.best_metric and evaluator.enabled):
         save_checkpoint(accelerator, recipe, state.step, asdict(state))
     if cfg.best_metric and state.best_step >= 0:
         final = publish_best_as_final(accelerator, recipe)
@@ -363,12 +299,14 @@ def _resume_layout(state: TrainState, recipe: Recipe, phases: list[Phase],
     state.reshard(world, batch)
 
 
-def _apply_lr(trainer: Trainer, lr: float) -> None:
-    """Loading a checkpoint restores the saved peak learning rate; a resume with another
-    ``train.lr`` rescales the schedule to the new peak from the current step on."""
-    for scheduler in trainer.schedulers.values():
-        inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate's wrapper
-        if all(base == lr for base in inner.base_lrs):
+def _apply_lr(trainer: Trainer, cfg: TrainConfig) -> None:
+    """Loading a checkpoint restores each update's saved peak learning rate; a resume
+    with another ``train.lr`` (or ``train.updates.NAME.lr``) rescales that update's
+    schedule to its new peak from the current step on."""
+    for name, settings in trainer.settings(cfg).items():
+        lr = settings.lr
+        inner = getattr(trainer.schedulers[name], "scheduler", trainer.schedulers[name])
+        if all(base == lr for base in inner.base_lrs):  # Accelerate's wrapper unwrapped
             continue
         inner.base_lrs = [lr] * len(inner.base_lrs)
         for group, fn in zip(inner.optimizer.param_groups, inner.lr_lambdas):
@@ -418,10 +356,15 @@ def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg
     local = torch.stack([counts[h] for h in heads]).float().to(accelerator.device)
     global_counts = dict(zip(heads, accelerator.reduce(local, "sum")))
     sums: dict[str, torch.Tensor] = {}
+    # a head's count enters the statistics once per update that ran on it this step, as
+    # its loss sum does: a head stepped every k-th step is not divided by k steps' counts
+    ran = {h: 0 for h in heads}
     nonfinite = scaler_skipped = False
     for update in trainer.updates:
         if step % update.every:
             continue
+        for h in update.heads:
+            ran[h] += 1
         for module in models.values():  # another update's backward may have left grads
             module.zero_grad(set_to_none=True)
         for i, batch in enumerate(batches):
@@ -451,301 +394,26 @@ def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg
         if cfg.max_grad_norm is not None:
             accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
-        scaler_skipped = scaler_skipped or accelerator.optimizer_step_was_skipped
+        # this optimizer's own flag: Accelerate's optimizer_step_was_skipped ORs every
+        # optimizer's, so a generator overflow would count on discriminator-only steps
+        scaler_skipped = scaler_skipped or getattr(optimizer, "step_was_skipped", False)
         trainer.schedulers[update.name].step()
         optimizer.zero_grad(set_to_none=True)
         if hasattr(objective, "after_update"):
             objective.after_update(update, step)
     units = torch.stack([torch.as_tensor(objective.count_units(b)) for b in batches]).sum()
-    return {**sums, **{f"{h}_count": counts[h].float() for h in heads},
+    return {**sums, **{f"{h}_count": counts[h].float() * ran[h] for h in heads},
             "units": units.float().to(accelerator.device),
             "data_seconds": waited,  # a host float: no device copy per step
             "nonfinite": nonfinite, "scaler_skipped": scaler_skipped}
 
 
-@torch.no_grad()
-def evaluate(trainer: Trainer, loader, accelerator) -> dict[str, float]:
-    """Held-out metrics of every head (and the objective's summary) over the evaluation
-    loader (``_eval_loader``), each example counted once whatever the number of
-    processes."""
-    objective, models = trainer.objective, trainer.models
-    per_example = getattr(objective, "example_outputs", ())
-    for module in models.values():
-        module.eval()
-    totals: dict[str, torch.Tensor] = {}
-    examples: dict[str, list[torch.Tensor]] = {k: [] for k in per_example}
-    for batch in loader:
-        if accelerator.num_processes > 1 and accelerator.gradient_state.end_of_dataloader:
-            # Accelerate completes the last batch of every process with copies of the
-            # first examples; per-example sums let gather_for_metrics drop them.
-            out = _per_example_sums(objective, models, batch, accelerator)
-        else:
-            out = objective.forward(models, batch, None)
-            out.update({f"{h}_count": c for h, c in objective.target_counts(batch).items()})
-        for key in per_example:  # gathered in order; the shards' padding dropped
-            examples[key].append(accelerator.gather_for_metrics(out.pop(key)).cpu())
-        for key, value in out.items():
-            totals[key] = totals.get(key, 0) + value.detach().float().to(accelerator.device)
-    for module in models.values():
-        module.train()
-    if not totals:
-        return {}
-    keys = sorted(totals)
-    values = dict(zip(keys, accelerator.reduce(torch.stack([totals[k] for k in keys]),
-                                               "sum").tolist()))
-    heads = objective.heads
-    if not values.get(f"{heads[0]}_count"):
-        return {}
-    metrics = objective.summarize(values, {h: values[f"{h}_count"] for h in heads})
-    if per_example:
-        metrics.update(objective.score({k: torch.cat(v).numpy() for k, v in examples.items()}))
-    return metrics
 
 
-def _per_example_sums(objective, models, batch: dict, accelerator) -> dict[str, torch.Tensor]:
-    """Sums and target counts of ``batch`` one example at a time, gathered over processes
-    without Accelerate's padding copies; the totals land on the main process only (the
-    caller reduces by sum)."""
-    size = len(next(iter(batch.values())))
-    rows = []
-    for i in range(size):
-        one = {k: v[i:i + 1] for k, v in batch.items()}
-        out = objective.forward(models, one, None)
-        out.update({f"{h}_count": c for h, c in objective.target_counts(one).items()})
-        rows.append(out)
-    per_example = set(getattr(objective, "example_outputs", ()))
-    result = {}
-    for key in rows[0]:
-        if key in per_example:  # the caller gathers these itself
-            result[key] = torch.cat([r[key] for r in rows])
-            continue
-        stacked = torch.cat([r[key].detach().float().reshape(1, -1) for r in rows])
-        total = accelerator.gather_for_metrics(stacked).sum()
-        result[key] = total if accelerator.is_main_process else torch.zeros_like(total)
-    return result
 
 
-class UnitCounter:
-    """Counts units every step on the device (no sync), and settles the total across
-    processes into ``state.units_seen`` at logs and checkpoints."""
-
-    def __init__(self, state: TrainState, accelerator):
-        self.state, self.accelerator = state, accelerator
-        self.pending = torch.zeros((), device=accelerator.device)
-
-    def add(self, units: torch.Tensor) -> None:
-        self.pending += units
-
-    def settle(self) -> None:
-        self.state.units_seen += int(self.accelerator.reduce(self.pending.clone(), "sum"))
-        self.pending.zero_()
 
 
-class Interval:
-    """Accumulates step statistics between two log records; ``snapshot`` / ``restored``
-    carry them through a checkpoint."""
-
-    def __init__(self, objective, accelerator, restored: dict | None = None):
-        self.objective, self.accelerator = objective, accelerator
-        self.totals: dict[str, torch.Tensor] = {}
-        self.started = time.perf_counter()
-        if restored:  # sums over all processes: kept by the main process alone
-            main = accelerator.is_main_process
-            self.totals = {k: torch.tensor(v if main else 0.0, device=accelerator.device)
-                           for k, v in restored["totals"].items()}
-            self.started -= restored["seconds"]
-
-    def add(self, stats: dict[str, torch.Tensor]) -> None:
-        for key, value in stats.items():
-            self.totals[key] = self.totals.get(key, 0) + value
-
-    def _stacked(self, keys: list[str]) -> torch.Tensor:
-        """The totals of ``keys`` as one tensor on the device (some are host floats)."""
-        device = self.accelerator.device
-        return torch.stack([torch.as_tensor(self.totals[k], device=device).float()
-                            for k in keys])
-
-    def snapshot(self) -> dict | None:
-        """The sums so far, reduced over processes (every process must call this)."""
-        if not self.totals:
-            return None
-        keys = sorted(self.totals)
-        values = self.accelerator.reduce(self._stacked(keys), "sum")
-        return {"totals": dict(zip(keys, values.tolist())),
-                "seconds": time.perf_counter() - self.started}
-
-    def flush(self, state: TrainState, lr: float, peak_tflops: float | None,
-              phase: Phase) -> dict[str, float]:
-        keys = sorted(self.totals)
-        values = self.accelerator.reduce(self._stacked(keys), "sum")
-        t = dict(zip(keys, values.tolist()))
-        heads = self.objective.heads
-        metrics = self.objective.summarize(t, {h: t[f"{h}_count"] for h in heads})
-        unit = self.objective.unit
-        seconds = time.perf_counter() - self.started
-        per_s = t["units"] / seconds
-        tflops = self.objective.flops_per_unit(phase) * per_s / 1e12
-        # waits summed over processes: their mean share of the wall time
-        waiting = t.get("data_seconds", 0.0) / self.accelerator.num_processes / seconds
-        record = {"split": "train", "step": state.step, **metrics, "lr": lr,
-                  f"{unit}_per_s": per_s, "tflops": tflops, f"{unit}_seen": state.units_seen,
-                  "data_wait_fraction": min(waiting, 1.0),
-                  **({"seq_len": phase.max_seq_len} if phase.max_seq_len else {}),
-                  "nonfinite_steps": state.nonfinite_steps,
-                  "scaler_skipped_steps": state.scaler_skipped_steps}
-        if peak_tflops:
-            record["mfu"] = tflops / (peak_tflops * self.accelerator.num_processes)
-        self.totals, self.started = {}, time.perf_counter()
-        return record
-
-
-def _log(record: dict, metrics_log: MetricsLog | None, accelerator, step: int) -> None:
-    if not record or len(record) <= 2:
-        return
-    if metrics_log is not None:
-        metrics_log.write(record)
-    prefix = record.get("split", "train")
-    accelerator.log({f"{prefix}/{k}": v for k, v in record.items()
-                     if isinstance(v, (int, float)) and k != "step"}, step=step)
-
-
-def _train_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
-    per_step = phase.batch_size * accelerator.num_processes
-    if len(dataset) < per_step:
-        raise ConfigError(f"only {len(dataset)} training examples, fewer than one batch "
-                          f"(train.batch_size={phase.batch_size} x {accelerator.num_processes} "
-                          "processes): use more data or a smaller batch")
-    lengths = None
-    if recipe.train.group_by_length:
-        if "length" not in dataset.column_names:
-            raise ConfigError(f"train.group_by_length: objective {recipe.objective.name!r} "
-                              "gives its examples no length column; set it to false")
-        lengths = dataset["length"]
-    sampler = EpochSampler(len(dataset), recipe.train.seed, lengths,
-                           group=50 * phase.batch_size * accelerator.num_processes,
-                           tagged=True)
-    workers = recipe.train.num_workers
-    loader = torch.utils.data.DataLoader(
-        IndexedDataset(dataset, epoch_tagged=True), batch_size=phase.batch_size,
-        sampler=sampler, collate_fn=EpochCollate(collator),
-        drop_last=True, num_workers=workers,
-        # workers live across epochs (no restart and refill at every epoch); each batch
-        # carries its epoch to their copy of the collator (EpochCollate)
-        persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),  # asynchronous host-to-GPU copies
-        # its own generator, so creating an iterator never draws from the global RNG
-        # (which drives dropout and must match between a straight and a resumed run)
-        generator=torch.Generator().manual_seed(recipe.train.seed))
-    return accelerator.prepare(loader), sampler
-
-
-class EpochCollate:
-    """The collate function of the training loader: sets the collator's epoch from the
-    batch (IndexedDataset(epoch_tagged=True)), then collates."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def __call__(self, rows: dict) -> dict:
-        if "epoch" in rows:
-            self.collator.set_epoch(rows.pop("epoch"))
-        return self.collator(rows)
-
-
-def _eval_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
-    collator.set_epoch(-1)  # fixed masks: evaluations are comparable across steps
-    # the same examples whatever the number of processes: the first eval_batches batches
-    dataset = dataset.select(range(min(len(dataset), recipe.train.eval_batches * phase.batch_size)))
-    loader = torch.utils.data.DataLoader(
-        IndexedDataset(dataset), batch_size=phase.batch_size, shuffle=False,
-        collate_fn=collator, generator=torch.Generator().manual_seed(0))
-    return accelerator.prepare(loader)
-
-
-def _micro_batches(loader, sampler: EpochSampler, state: TrainState,
-                   accelerator) -> Iterator[dict]:
-    """Endless stream of micro-batches that keeps ``state`` at the data position (each
-    batch tells the collator its epoch: EpochCollate)."""
-    while True:
-        # resume mid-epoch: skip the batches this epoch already consumed (not replayed)
-        epoch_loader = (accelerator.skip_first_batches(loader, state.batch_in_epoch)
-                        if state.batch_in_epoch else loader)
-        epoch_loader.set_epoch(state.epoch)
-        # Accelerate's set_epoch does not reach a sampler under SkipBatchSampler and
-        # BatchSamplerShard, so the epoch is set on ours directly too.
-        sampler.set_epoch(state.epoch)
-        for batch in epoch_loader:
-            state.batch_in_epoch += 1
-            yield batch
-        state.epoch += 1
-        state.batch_in_epoch = 0
-
-
-class StopSignals:
-    """SIGINT / SIGTERM ask the run to stop after the current step and save a checkpoint.
-
-    A third signal exits at once (saves are atomic, so nothing half-written is ever
-    taken for whole). Installed only in the main thread, where Python delivers signals.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.received = 0
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.received += 1
-        self.signum = self.signum or signum
-        if self.received == 1:
-            log.warning("%s received: stopping after this step and saving a checkpoint "
-                        "(send it twice more to quit at once)", signal.Signals(signum).name)
-        elif self.received >= 3:
-            os._exit(128 + signum)
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
-
-
-def _agree_to_stop(deadline: float | None, stop: StopSignals, accelerator) -> tuple[bool, bool]:
-    """(out of time, signalled), the same on every process: true everywhere once any
-    process passed the deadline or got a signal (processes must stop on the same step,
-    or their collectives would not match)."""
-    flags = torch.tensor([float(deadline is not None and time.monotonic() >= deadline),
-                          float(stop.signum is not None)], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags, "max")
-        if flags[1] and stop.signum is None:  # another process was signalled
-            stop.signum = signal.SIGTERM
-    return bool(flags[0]), bool(flags[1])
-
-
-def _count_skips(stats: dict, state: TrainState, cfg, run_dir: Path) -> None:
-    """Count the steps skipped for a non-finite loss (stopping past the allowance) and
-    the fp16 scaler's skips; a skipped step's sums are kept out of the metrics."""
-    nonfinite, scaler = stats.pop("nonfinite"), stats.pop("scaler_skipped")
-    state.scaler_skipped_steps += int(scaler)
-    if not nonfinite:
-        return
-    state.nonfinite_steps += 1
-    losses = {k: float(v) for k, v in stats.items() if k.endswith("_loss_sum")}
-    if state.nonfinite_steps > cfg.max_nonfinite_steps:
-        latest = latest_checkpoint(run_dir)
-        kept = (f"the last checkpoint, {latest}, is intact" if latest else
-                "no checkpoint was saved before it")
-        shown = ", ".join(f"{k.removesuffix('_sum')}={v}" for k, v in losses.items())
-        raise NonFiniteLoss(f"non-finite loss at step {state.step} ({shown}): the step was not "
-                            f"applied and the run stopped; {kept}. Lower train.lr, or allow "
-                            "skips with train.max_nonfinite_steps")
-    log.warning("step %d: non-finite loss (%s), skipped (%d of train.max_nonfinite_steps=%d)",
-                state.step, losses, state.nonfinite_steps, cfg.max_nonfinite_steps)
-    for key in list(stats):
-        if key not in ("units", "data_seconds"):
-            stats[key] = torch.zeros_like(torch.as_tensor(stats[key]))
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
@@ -753,6 +421,19 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
     return tqdm(total=total, initial=initial, desc="train", unit="step",
                 disable=not enabled, dynamic_ncols=True)
+
+
+def _logs_above(bar) -> contextlib.ExitStack:
+    """While the bar is shown, console log lines (a signal's warning, a skipped step) are
+    written above it with tqdm.write, not glued onto its line; closed with the bar."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    stack = contextlib.ExitStack()
+    console = any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+                  for h in logging.getLogger().handlers)
+    if not bar.disable and console:
+        stack.enter_context(logging_redirect_tqdm())
+    return stack
 
 
 def _peak_tflops(configured: float | None, device: torch.device) -> float | None:

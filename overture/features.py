@@ -254,4 +254,8 @@ def write_features(path: Path, ids: list[str], embeddings: np.ndarray,
             import pyarrow.parquet as pq
             table = pa.table({"id": ids, "embedding": list(embeddings)})
             pq.write_table(table, tmp)
-    print(f"{path}: {len(ids)} embeddings of {embeddings.shape[1]}", file=sys.stderr)
+    # .npy holds no ids: say so when its rows are not the input's rows 1..N
+    unnumbered = suffix == ".npy" and ids != [str(i) for i in range(1, len(ids) + 1)]
+    print(f"{path}: {len(ids)} embeddings of {embeddings.shape[1]}" + (
+        "; .npy keeps no ids, so row i is the i-th text kept (not line i): use .parquet "
+        "or .safetensors to keep the ids" if unnumbered else ""), file=sys.stderr)

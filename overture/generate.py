@@ -4,7 +4,6 @@ folder, which is a plain transformers model + tokenizer)."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from .errors import ConfigError, first_line
 from .hub import load_pretrained, quiet_transformers, resolve_checkpoint
@@ -33,12 +32,7 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 40,
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    from .pretrain.image.models import final_folder, is_image_checkpoint
-
-    path = resolve_checkpoint(checkpoint)
-    if is_image_checkpoint(final_folder(Path(path))):
-        raise ConfigError(f"--checkpoint {checkpoint} is an image checkpoint; generate takes "
-                          "a causal-LM (GPT) checkpoint")
+    path = resolve_checkpoint(checkpoint)  # the command refuses other families' first
     try:
         config = AutoConfig.from_pretrained(path)
         architecture = (config.architectures or ["?"])[0]

@@ -13,7 +13,7 @@ parallelism give exactly the gradient of one big batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -37,6 +37,14 @@ class Update:
     """Loss heads whose normalised sums are backpropagated in this update."""
     every: int = 1
     """Run on optimizer steps where ``step % every == 0`` (0-based)."""
+    options: dict = field(default_factory=dict)
+    """The family's optimizer settings for this update (``lr``, ``adam_beta1``, ...: the
+    keys of ``overture.config.UpdateOptions``); the recipe's ``train.updates.NAME``
+    overrides them, and train's settings fill the rest."""
+
+    def __post_init__(self):
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"Update {self.name!r}: every={self.every} must be a positive integer")
 
 
 class Collator(Protocol):
@@ -117,9 +125,17 @@ class Objective(Protocol):
     #     step (a backbone frozen for the first epochs of transfer); their gradients are
     #     dropped before clipping, so neither the optimizer nor weight decay moves them.
     #   after_update(update, step): after ``update``'s optimizer step (the EMA update).
+    #   after_evaluate(models, step, run_dir) -> {name: PNG path}: artefacts written after
+    #     each evaluation on the main process (a sample grid), also sent to the trackers;
+    #     it runs under the evaluation's forked RNG (overture/evaluation.py).
     # ``batch_coupled = True`` says an example's loss depends on the other examples of
     # its micro-batch (contrastive negatives): accumulation then changes the loss.
     batch_coupled: ClassVar[bool] = False
+    # ``ddp_options``: keyword arguments of torch's DistributedDataParallel for this
+    # family's models (``broadcast_buffers=False`` for a BatchNorm discriminator run
+    # several times before one backward, ``find_unused_parameters``), passed through
+    # Accelerate's DistributedDataParallelKwargs.
+    ddp_options: ClassVar[dict] = {}
 
     def export(self, models: dict[str, nn.Module], state_dicts: dict[str, dict],
                folder: Path) -> None:

@@ -1,4 +1,5 @@
-"""Families by name: ``objective.name`` in a recipe -> the class that implements it.
+"""Families by name: ``objective.name`` in a recipe -> the class that implements it; and
+the family of a checkpoint, for the commands that read one (``checkpoint_family``).
 
 Imports are lazy (a family's module loads only when used). A new family is one module
 plus one line here; the contract tests (tests/test_contract.py) run over every entry.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from .config import ConfigError
+from .errors import ConfigError
 
 FAMILIES = {
     "bert": "overture.pretrain.text.bert:Bert",
@@ -39,6 +40,62 @@ def get_family(name: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
+def family_name(family: type) -> str:
+    """The registered name of a family class ("bert")."""
+    where = f"{family.__module__}:{family.__name__}"
+    return next((name for name, path in FAMILIES.items() if path == where), family.__name__)
+
+
 def build_objective(recipe):
     """The objective object for ``recipe.objective.name``."""
     return get_family(recipe.objective.name)(recipe)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_family(checkpoint: str) -> type | None:
+    """The family that made ``checkpoint``, for the commands that read one (generate,
+    features, probe): the ``objective.name`` of its final/recipe.yaml; otherwise the
+    family whose ``model_types`` holds its config's model_type ("image" for a timm /
+    torchvision folder). None for another transformers model (any encoder still embeds).
+    A Hub name is read through its config (one small download, or the cache)."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(str(checkpoint)).expanduser()
+    folder = path / "final" if (path / "final" / "config.json").is_file() else path
+    recipe = folder / "recipe.yaml"
+    if recipe.is_file():
+        try:
+            name = ((yaml.safe_load(recipe.read_text(encoding="utf-8")) or {})
+                    .get("objective") or {}).get("name", "bert")
+        except (yaml.YAMLError, AttributeError) as err:
+            raise ConfigError(f"--checkpoint {checkpoint}: {recipe} is not a recipe "
+                              f"({type(err).__name__})") from None
+        return get_family(name)
+    if (folder / "config.json").is_file():
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except ValueError:
+            raise ConfigError(f"--checkpoint {checkpoint}: {folder / 'config.json'} is not "
+                              "JSON") from None
+        if "architecture" in config and "model_type" not in config:  # timm / torchvision
+            return get_family("image")
+        model_type = config.get("model_type")
+    elif path.exists():
+        return None  # the command names what is missing
+    else:
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(str(checkpoint)).model_type
+        except (OSError, ValueError):
+            return None
+    for name in FAMILIES:
+        family = get_family(name)
+        if model_type in getattr(family, "model_types", ()):
+            return family
+    return None

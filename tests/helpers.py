@@ -144,14 +144,15 @@ def eval_metrics(recipe, accelerator) -> dict:
     examples (``train.eval_batches`` batches), plus the number of examples evaluated."""
     import torch
 
-    from overture.engine import Trainer, _eval_loader, evaluate
+    from overture.engine import Trainer
+    from overture.evaluation import eval_loader, evaluate
 
     data = prepare(recipe)
     phase = recipe.resolved_phases()[0]
     torch.manual_seed(0)
     models = {name: accelerator.prepare_model(m)
               for name, m in data.objective.build_models().items()}
-    loader = _eval_loader(data.eval, data.objective.collator(phase), phase, recipe,
+    loader = eval_loader(data.eval, data.objective.collator(phase), phase, recipe,
                           accelerator)
     metrics = evaluate(Trainer(data.objective, models, [], {}, {}), loader, accelerator)
     return {**metrics, "examples": len(loader.dataset)}

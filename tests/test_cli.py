@@ -43,6 +43,10 @@ def test_pretrain_tiny_recipe_end_to_end(tiny_run):
     assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 for r in train_records)
     assert {r["step"] for r in records if r["split"] == "eval"} == {0, 15, 30}
     assert "tokens/s=" in done.stderr  # the progress bar shows throughput
+    # library chatter overture already accounts for: the tied decoder at every save, the
+    # export's "Writing model shards" bar
+    assert "Removed shared tensor" not in done.stderr
+    assert "Writing model shards" not in done.stderr
 
 
 def test_report_draws_a_png(tiny_run):
@@ -219,3 +223,50 @@ def test_each_commands_common_error_is_the_one_and_last_line_of_stderr(tmp_path,
         assert len(lines) == 1, (name, lines)
         assert lines[0].startswith("error: ") and words in lines[0], (name, lines[0])
     assert list(work.iterdir()) == []  # no runs/ folder made by a refused command
+
+
+def test_commands_find_the_family_of_a_checkpoint_through_the_registry(trained, tmp_path,
+                                                                        monkeypatch, capsys):
+    """generate, features and probe ask the registry which family made a checkpoint
+    (final/recipe.yaml, else config.json's model_type) and call that family's method."""
+    from overture.cli import main
+    from overture.registry import checkpoint_family, family_name, get_family
+
+    for family in ("bert", "gpt", "image"):
+        assert family_name(checkpoint_family(str(trained(family)))) == family
+    plain = tmp_path / "plain"  # a transformers folder: no recipe.yaml, its model_type
+    plain.mkdir()
+    (plain / "config.json").write_text(
+        (trained("roberta") / "final" / "config.json").read_text())
+    assert family_name(checkpoint_family(str(plain))) == "roberta"
+    (plain / "config.json").write_text(json.dumps({"model_type": "distilbert"}))
+    assert checkpoint_family(str(plain)) is None  # any encoder: the generic path
+
+    calls = []
+    monkeypatch.setattr(get_family("gpt"), "sample",
+                        staticmethod(lambda checkpoint, prompt, **kw: calls.append(prompt)
+                                     or "sampled"))
+    assert main(["generate", "--checkpoint", str(trained("gpt")), "--prompt", "Once"]) == 0
+    assert calls == ["Once"] and capsys.readouterr().out.strip() == "sampled"
+    assert main(["probe", "--checkpoint", str(trained("bert")), "--data", "digits"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --checkpoint {trained('bert')} is a bert checkpoint; probe takes an image "
+        "checkpoint (a final/ of the image or simclr family)"]
+
+
+def test_the_command_line_module_imports_no_family_module():
+    """cli.py reaches families only through the registry (lazy): it imports no module of
+    overture.pretrain, nor any module a family lives in."""
+    import ast
+
+    import overture.cli as cli
+    from overture.registry import FAMILIES
+
+    tree = ast.parse(Path(cli.__file__).read_text())
+    imported = {("overture." * (node.level > 0)) + (node.module or "")
+                for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names}
+    family_modules = {path.split(":")[0] for path in FAMILIES.values()}
+    assert not imported & family_modules
+    assert not [m for m in imported if m.startswith(("overture.pretrain", "pretrain"))]

@@ -93,3 +93,13 @@ def test_the_family_types_the_model_and_objective_sections():
         load_recipe("bert-tiny", ["objective.packing=doc_sentences"])
     assert load_recipe("roberta-tiny", ["objective.packing=doc_sentences"]).objective.packing \
         == "doc_sentences"
+
+
+def test_an_explicit_max_steps_wins_over_the_recipes_epochs_and_both_are_refused():
+    recipe = load_recipe("image-finetune", ["train.max_steps=7"])  # the recipe: 20 epochs
+    assert (recipe.train.max_steps, recipe.train.epochs) == (7, None)
+    assert recipe.for_dataset(10_000, 1).train.max_steps == 7
+    assert load_recipe("image-finetune", ["train.epochs=2"]).train.epochs == 2
+    with pytest.raises(ConfigError, match=r"command-line overrides 'train\.max_steps=7' and "
+                                          r"'train\.epochs=2' both set the length of training"):
+        load_recipe("image-finetune", ["train.max_steps=7", "train.epochs=2"])

@@ -194,14 +194,14 @@ def test_training_loader_pins_memory_on_cuda_and_keeps_its_workers(make_recipe, 
     from accelerate import Accelerator
 
     from helpers import prepare
-    from overture import engine
+    from overture import loaders
 
     recipe = make_recipe(tmp_path / "run", "train.num_workers=2")
     data = prepare(recipe)
     phase = recipe.resolved_phases()[0]
     for cuda in (False, True):
-        monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: cuda)
-        loader, _ = engine._train_loader(data.train, data.objective.collator(phase), phase,
+        monkeypatch.setattr(loaders.torch.cuda, "is_available", lambda: cuda)
+        loader, _ = loaders.train_loader(data.train, data.objective.collator(phase), phase,
                                          recipe, Accelerator(cpu=True))
         assert loader.pin_memory is cuda
         assert loader.persistent_workers and loader.num_workers == 2

@@ -348,8 +348,9 @@ def test_generate_refuses_an_image_checkpoint_saying_so(tmp_path, capsys):
                                                    "num_classes": 10}))
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "The"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"error: --checkpoint {tmp_path / 'run'} is an image checkpoint; "
-                     "generate takes a causal-LM (GPT) checkpoint"]
+    assert lines == [f"error: --checkpoint {tmp_path / 'run'} is an image checkpoint, not "
+                     "a causal-LM checkpoint: generate takes a GPT-style one (a gpt family "
+                     "final/ or a transformers causal LM)"]
 
 
 def test_tokenizer_kind_overrides_the_familys_choice(tmp_path, real_text):

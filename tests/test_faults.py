@@ -18,10 +18,13 @@ import pytest
 import torch
 
 import overture.engine as engine
+import overture.stopping as stopping
 from helpers import records, tiny
 from overture.checkpoint import complete_checkpoints, latest_checkpoint
 from overture.config import ConfigError
-from overture.engine import TrainState, train
+from overture.engine import train
+from overture.loaders import EpochSampler
+from overture.state import TrainState
 from overture.errors import Interrupted, NonFiniteLoss, SaveFailed
 from overture.registry import get_family, list_families
 
@@ -379,7 +382,7 @@ def test_the_data_position_is_resharded_for_a_new_batch_size(tmp_path, monkeypat
     size = len(prepare(first).train)
     fetched: list[list[int]] = []  # the loader fetches a batch ahead of the one trained
     trained_on: list[int] = []
-    get_items, micro_batches = IndexedDataset.__getitems__, engine._micro_batches
+    get_items, micro_batches = IndexedDataset.__getitems__, engine.micro_batches
 
     def fetch(self, indices):
         if len(self.dataset) == size:
@@ -392,12 +395,12 @@ def test_the_data_position_is_resharded_for_a_new_batch_size(tmp_path, monkeypat
             yield batch
 
     monkeypatch.setattr(IndexedDataset, "__getitems__", fetch)
-    monkeypatch.setattr(engine, "_micro_batches", consume)
+    monkeypatch.setattr(engine, "micro_batches", consume)
     train(first, progress=False)
     fetched.clear()
     train(tiny("bert", run, cache_dir, real_text, *BASE, "train.batch_size=4",
                "train.max_steps=9"), progress=False)
-    order = list(engine.EpochSampler(size, first.train.seed))
+    order = list(EpochSampler(size, first.train.seed))
     assert trained_on == order[:3 * 8 + 6 * 4]
 
 
@@ -423,7 +426,7 @@ def test_loss_scaler_skips_are_counted_apart_from_nonfinite_steps(tmp_path, monk
         calls["n"] += 1
         return calls["n"] in (2, 3)
 
-    monkeypatch.setattr(accelerate.Accelerator, "optimizer_step_was_skipped",
+    monkeypatch.setattr(accelerate.optimizer.AcceleratedOptimizer, "step_was_skipped",
                         property(skipped))
     run = tmp_path / "run"
     train(tiny("bert", run, cache_dir, real_text, *BASE, "train.save_every=0"),
@@ -453,8 +456,8 @@ def test_a_third_signal_quits_at_once(monkeypatch):
     """The first signal asks for a save at the end of the step; a second (the launcher
     forwarding Ctrl-C as SIGTERM) changes nothing; the third exits without waiting."""
     exits = []
-    monkeypatch.setattr(engine.os, "_exit", exits.append)
-    stop = engine.StopSignals()
+    monkeypatch.setattr(stopping.os, "_exit", exits.append)
+    stop = stopping.StopSignals()
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
             os.kill(os.getpid(), signum)

@@ -179,6 +179,12 @@ def test_features_skips_empty_lines_keeping_line_numbers_as_ids(trained, encoder
     assert got.shape == (3, encoder.dim)
     assert np.allclose(got, encoder.encode(["first text", "second", "third\x0cpage"]),
                        atol=1e-5)
+    # .npy keeps no ids: its rows are the kept lines, and the closing line says so
+    assert main(["features", "--checkpoint", str(trained("bert")), "--input", str(source),
+                 "--output", str(tmp_path / "f.npy")]) == 0
+    assert "; .npy keeps no ids, so row i is the i-th text kept (not line i)" in (
+        capsys.readouterr().err.strip().splitlines()[-1])
+    assert np.allclose(np.load(tmp_path / "f.npy"), got, atol=1e-6)
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -14,7 +14,8 @@ from conftest import SHARED_DATA
 from helpers import classify_inputs, records, tiny
 from overture.cli import main
 from overture.config import load_recipe
-from overture.engine import EpochSampler, train
+from overture.engine import train
+from overture.loaders import EpochSampler
 from overture.finetune.classify import score_splits
 from overture.finetune.run import finetune, finetune_recipe, run_glue
 from overture.tasks import GLUE

@@ -184,7 +184,8 @@ def _stream(monkeypatch, recipe, rank: int, world: int, steps: int, skip: int = 
     With ``skip``: a fresh loader resumed at the data position after ``skip`` steps."""
     from accelerate import Accelerator
 
-    from overture import engine
+    from overture import loaders
+    from overture.state import TrainState
 
     accelerator = Accelerator(cpu=True)
     phase = recipe.resolved_phases()[0]
@@ -194,15 +195,15 @@ def _stream(monkeypatch, recipe, rank: int, world: int, steps: int, skip: int = 
         patch.setattr(Accelerator, "process_index", property(lambda self: rank))
 
         def stream(state):
-            loader, sampler = engine._train_loader(_Examples(203), collator, phase, recipe,
+            loader, sampler = loaders.train_loader(_Examples(203), collator, phase, recipe,
                                                    accelerator)
-            return engine._micro_batches(loader, sampler, state, accelerator)
+            return loaders.micro_batches(loader, sampler, state, accelerator)
 
-        state = engine.TrainState()
+        state = TrainState()
         batches = stream(state)
         out = [next(batches).tolist() for _ in range(skip or steps)]
         if skip:
-            batches = stream(engine.TrainState(epoch=state.epoch,
+            batches = stream(TrainState(epoch=state.epoch,
                                                batch_in_epoch=state.batch_in_epoch))
             out += [next(batches).tolist() for _ in range(steps - skip)]
     return out

@@ -130,6 +130,28 @@ class ImageFamily:
     """Views of each image in a batch (SimCLR: 2), for the FLOPs per image."""
     tokenizer = None  # no vocabulary
 
+    @staticmethod
+    def encoder(checkpoint, **options):
+        """An ``ImageEncoder`` of a checkpoint of this family (``overture features``):
+        pooled features with the checkpoint's evaluation transform."""
+        from .features import ImageEncoder
+
+        return ImageEncoder(checkpoint, **options)
+
+    @staticmethod
+    def inputs(path) -> list[str]:
+        """The image files of ``overture features --input`` (a folder or a .txt list)."""
+        from .features import list_images
+
+        return list_images(path)
+
+    @staticmethod
+    def probe(checkpoint, data, **options) -> dict:
+        """``overture probe``: top-1 of a linear classifier on the frozen features."""
+        from .probe import probe
+
+        return probe(checkpoint, data, **options)
+
     def __init__(self, recipe):
         self.recipe = recipe
         self.stats: dict | None = None

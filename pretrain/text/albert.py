@@ -44,6 +44,8 @@ class AlbertObjectiveConfig(MaskedLMConfig):
 class Albert(MaskedLMFamily):
     """ALBERT: Unigram, [CLS] A [SEP] B [SEP] pairs, n-gram MLM + SOP."""
 
+    model_types = ("albert",)
+
     model_config = AlbertModelConfig
     objective_config = AlbertObjectiveConfig
     # <pad>=0 <unk>=1 [CLS]=2 [SEP]=3 [MASK]=4, as albert-base-v2

@@ -24,6 +24,8 @@ class BertObjectiveConfig(MaskedLMConfig):
 class Bert(MaskedLMFamily):
     """BERT: WordPiece, [CLS] A [SEP] B [SEP] pairs, MLM + NSP."""
 
+    model_types = ("bert",)
+
     model_config = EncoderConfig
     objective_config = BertObjectiveConfig
     tokenizer_spec = TokenizerSpec(

@@ -24,6 +24,17 @@ class TextFamily:
     auto_class: ClassVar[str] = "AutoModelForPreTraining"
     lm_head: ClassVar[str]
     """The language-modelling head whose loss gives the perplexity."""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    """transformers ``model_type`` values whose checkpoints are this family's
+    (``overture.registry.checkpoint_family``)."""
+
+    @staticmethod
+    def encoder(checkpoint, **options):
+        """An ``overture.features.Encoder`` of a checkpoint of this family (``overture
+        features``): its base model, task heads dropped."""
+        from ...features import load
+
+        return load(checkpoint, **options)
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe

@@ -48,7 +48,7 @@ def convert_to_long(checkpoint: str, output: str | Path, max_length: int = 4096,
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from ...hub import resolve_checkpoint
+    from ...hub import quiet_transformers, resolve_checkpoint
 
     output = Path(output).expanduser()
     if output.exists():
@@ -104,7 +104,8 @@ def convert_to_long(checkpoint: str, output: str | Path, max_length: int = 4096,
         raise ConfigError(f"--output {output} cannot be written ({err.strerror or err}); "
                           "choose a folder you can write to") from None
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with quiet_transformers(progress_bars=False):  # no "Writing model shards" bar
+            model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if not publish_dir(tmp, output, replace=False):
             raise ConfigError(f"--output {output} appeared while converting; it was left as is")

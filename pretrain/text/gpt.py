@@ -99,6 +99,15 @@ class CausalLMModule(nn.Module):
 class Gpt(TextFamily):
     """The objective contract for causal LM (GPT-2 architecture)."""
 
+    model_types = ("gpt2",)
+
+    @staticmethod
+    def sample(checkpoint, prompt: str, **options) -> str:
+        """``overture generate``: the prompt and its sampled continuation."""
+        from ...generate import generate
+
+        return generate(checkpoint, prompt, **options)
+
     model_config = GptModelConfig
     objective_config = GptObjectiveConfig
     tokenizer_spec = TokenizerSpec(

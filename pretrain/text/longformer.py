@@ -180,6 +180,15 @@ class Longformer(Roberta):
     """Longformer: RoBERTa's data and masking on long packed inputs, local + global
     attention."""
 
+    model_types = ("longformer",)
+
+    @staticmethod
+    def convert_from(checkpoint, output, max_length: int, window: int):
+        """``overture convert-long``: a BERT / RoBERTa masked LM made a Longformer."""
+        from .convert_long import convert_to_long
+
+        return convert_to_long(checkpoint, output, max_length, window)
+
     model_config = LongformerModelConfig
     objective_config = LongformerObjectiveConfig
     auto_class = "AutoModelForMaskedLM"

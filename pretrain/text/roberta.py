@@ -34,6 +34,8 @@ class RobertaObjectiveConfig(MaskedLMConfig):
 class Roberta(MaskedLMFamily):
     """RoBERTa: byte-level BPE, <s> sentences </s> inputs, dynamic MLM."""
 
+    model_types = ("roberta",)
+
     model_config = EncoderConfig
     objective_config = RobertaObjectiveConfig
     # <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4, as roberta-base
