@@ -23,8 +23,10 @@ def image_finetune_recipe(checkpoint: str, images: str, eval_images: str | None 
 
     path = image_models.final_folder(Path(checkpoint))
     # paths as JSON strings, which YAML reads whole (commas and spaces included)
-    base = [f"data.source=[{json.dumps(images)}]", "name=finetune-images",
-            f"output_dir=runs/finetune/{Path(images).name or 'images'}"]
+    base = [f"data.source=[{json.dumps(images)}]"]  # the options given
+    # what the checkpoint and the command choose, which the user's overrides may replace
+    defaults = ["name=finetune-images",
+                f"output_dir=runs/finetune/{Path(images).name or 'images'}"]
     if eval_images:
         base.append(f"data.eval_source=[{json.dumps(eval_images)}]")
     if seed is not None:
@@ -36,14 +38,14 @@ def image_finetune_recipe(checkpoint: str, images: str, eval_images: str | None 
         config = json.loads((path / "config.json").read_text())
         cfg = config.get("pretrained_cfg", {})
         if "input_size" in cfg:
-            base.append(f"data.image_size={int(cfg['input_size'][-1])}")
+            defaults.append(f"data.image_size={int(cfg['input_size'][-1])}")
         for key in ("mean", "std"):
             if key in cfg:
-                base.append(f"objective.{key}={json.dumps(list(cfg[key]))}")
+                defaults.append(f"objective.{key}={json.dumps(list(cfg[key]))}")
         if "crop_pct" in cfg:
-            base.append(f"objective.crop_pct={cfg['crop_pct']}")
+            defaults.append(f"objective.crop_pct={cfg['crop_pct']}")
         if cfg.get("interpolation") in ("bilinear", "bicubic", "nearest"):
-            base.append(f"objective.interpolation={cfg['interpolation']}")
+            defaults.append(f"objective.interpolation={cfg['interpolation']}")
         if random_init:  # the architecture alone: the from-scratch baseline
             name, args = image_models.checkpoint_architecture(path)
             base += [f"model.name={name}", f"model.args={json.dumps(args)}"]
@@ -54,7 +56,7 @@ def image_finetune_recipe(checkpoint: str, images: str, eval_images: str | None 
             base.append(f"model.init_from={json.dumps(str(path))}")
     else:
         raise ConfigError(f"--checkpoint {checkpoint}: no such folder or weights file")
-    return load_recipe(BASE_RECIPE, [*base, *(overrides or [])])
+    return load_recipe(BASE_RECIPE, [*base, *(overrides or [])], defaults=defaults)
 
 
 def finetune_images(recipe: Recipe, progress: bool = True) -> dict:

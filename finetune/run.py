@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from overture.atomic import write_text_atomic
-from overture.config import ConfigError, Recipe, load_recipe, parse_overrides
+from overture.config import ConfigError, Recipe, load_recipe
 from overture.data.prepare import IndexedDataset
 from overture.finetune.classify import (ClassifierModule, refuse_image_checkpoint,
                                          score_splits)
-from overture.tasks import SCORED, get_task, load_task
+from overture.tasks import GLUE, SCORED, get_task, load_task
 from overture.tasks.metrics import glue_score
 from overture.tasks.submission import prediction_strings, write_submission
 
@@ -26,34 +26,19 @@ BASE_RECIPE = "glue-finetune"
 
 def finetune_recipe(checkpoint: str, task: str, data_dir: str | None = None,
                     seed: int | None = None, overrides: list[str] | None = None) -> Recipe:
-    """The fine-tuning recipe: glue-finetune's defaults, the task's epochs, then the
-    user's KEY=VALUE overrides (which win). A ``train.max_steps`` given by the user wins
-    over the epochs (as in ``transformers.Trainer``); giving both is an error."""
+    """The fine-tuning recipe: glue-finetune's settings, the task's epochs, output folder
+    and name as defaults, then the options and the user's KEY=VALUE overrides (which
+    win). A ``train.max_steps`` given by the user replaces the epochs (as in
+    ``transformers.Trainer``); giving both is an error (``load_recipe``)."""
     refuse_image_checkpoint(checkpoint, "--checkpoint")
     source = load_task(task, data_dir)
     name = source.task.name
-    base = [f"objective.checkpoint={checkpoint}", f"objective.task={task}",
-            f"train.epochs={_epochs(overrides or [], source.task.epochs)}",
-            f"output_dir=runs/finetune/{name}", f"name=finetune-{name}"]
-    if data_dir:
-        base.append(f"objective.data_dir={data_dir}")
-    if seed is not None:
-        base.append(f"train.seed={seed}")
-    return load_recipe(BASE_RECIPE, [*base, *(overrides or [])])
-
-
-def _epochs(overrides: list[str], default) -> object:
-    """The epochs the recipe starts from: the task's default, or null when the user gives
-    ``train.max_steps`` or phases (their steps decide). ``train.max_steps`` and a
-    ``train.epochs`` that is not null, both given, contradict each other."""
-    given = parse_overrides(overrides)
-    steps = [k for k in given if k == "train.max_steps" or k.split(".")[0] == "phases"]
-    if not steps:
-        return default
-    if given.get("train.epochs", (None, None))[1] is not None:
-        raise ConfigError(f"{steps[0]} and {given['train.epochs'][0]} both set the length "
-                          "of training; give one of them (or train.epochs=null)")
-    return "null"
+    defaults = [f"train.epochs={source.task.epochs}", f"output_dir=runs/finetune/{name}",
+                f"name=finetune-{name}"]
+    options = [f"objective.checkpoint={checkpoint}", f"objective.task={task}",
+               *([f"objective.data_dir={data_dir}"] if data_dir else []),
+               *([f"train.seed={seed}"] if seed is not None else [])]
+    return load_recipe(BASE_RECIPE, [*options, *(overrides or [])], defaults=defaults)
 
 
 def finetune(recipe: Recipe, progress: bool = True) -> dict:
@@ -161,29 +146,56 @@ def run_glue(checkpoint: str, tasks: list[str], seeds: int, data_dir: str | None
              progress: bool = True) -> dict:
     """Fine-tune every task ``seeds`` times (seeds 42, 43, ...), then tabulate the dev
     scores (mean ± std over seeds) and the GLUE score; tasks without data are named and
-    skipped. Writes ``glue.json`` and ``glue.md`` into ``output_dir``."""
-    results: dict[str, list[dict]] = {}
+    skipped, and none that can run is an error. Writes ``glue.json`` and ``glue.md`` into
+    ``output_dir``: they describe every result there, earlier runs' seed folders (their
+    metrics.json) included; this run's seeds replace the same seeds of an earlier run."""
+    load_recipe(BASE_RECIPE, overrides or [])  # the user's overrides: one line, before any work
+    for item in overrides or []:  # every task and seed would train in (and resume from) one folder
+        if item.partition("=")[0].strip() == "output_dir":
+            raise ConfigError(f"{item}: glue writes each run to --output-dir/<task>/seed-<N>; "
+                              "give --output-dir instead")
+    runnable: list[str] = []
     skipped: dict[str, str] = {}
+    why_not: dict[str, str] = {}  # every task that cannot run, AX included
     for name in tasks:
         task = get_task(name)
-        if task.predict_with:
-            continue  # AX: predicted with the MNLI model, no dev score
+        if task.predict_with:  # AX: predicted with the MNLI model, no dev score
+            why_not[task.name] = (f"predicted by the {task.predict_with} model, no dev score; "
+                                  f"run {task.predict_with}")
+            continue
         source = load_task(name, data_dir)
         missing = [str(source.path(s)) for s in (task.split("train"), *task.dev_splits)
                    if not source.has(s)]
         if missing:
-            skipped[task.name] = f"missing {', '.join(missing)}"
-            print(f"glue: skipping {task.name}: {skipped[task.name]}", file=sys.stderr)
-            continue
-        results[task.name] = []
+            skipped[task.name] = why_not[task.name] = f"missing {', '.join(missing)}"
+        elif task.name not in runnable:
+            runnable.append(task.name)
+    if not runnable:  # before any work
+        given = ",".join(tasks) or "''"
+        raise ConfigError(f"--tasks {given}: no task can run ("
+                          + "; ".join(f"{n}: {why}" for n, why in why_not.items()) + ")")
+    for name, why in skipped.items():
+        print(f"glue: skipping {name}: {why}", file=sys.stderr)
+    out = Path(output_dir)
+    earlier = glue_results(out)  # what earlier runs left in output_dir
+    results: dict[str, dict[int, dict]] = {}
+    for name in runnable:
         for i in range(seeds):
             recipe = finetune_recipe(checkpoint, name, data_dir, seed=42 + i, overrides=[
-                f"output_dir={Path(output_dir) / task.name / f'seed-{42 + i}'}",
-                *(overrides or [])])
-            results[task.name].append(finetune(recipe, progress=progress))
-    table = glue_table(results)
-    table["skipped"] = skipped
-    out = Path(output_dir)
+                f"output_dir={out / name / f'seed-{42 + i}'}", *(overrides or [])])
+            results.setdefault(name, {})[42 + i] = finetune(recipe, progress=progress)
+    kept = {name: sorted(set(by_seed) - set(results.get(name, {})))
+            for name, by_seed in earlier.items()}
+    kept = {name: seeds_kept for name, seeds_kept in kept.items() if seeds_kept}
+    if kept:
+        print(f"glue: {out}/glue.md keeps earlier results: " + ", ".join(
+            f"{n} (seed{'s' * (len(k) > 1)} {', '.join(map(str, k))})"
+            for n, k in kept.items()), file=sys.stderr)
+    merged = {name: {**earlier.get(name, {}), **results.get(name, {})}
+              for name in GLUE if name in earlier or name in results}
+    table = glue_table({name: [by_seed[s] for s in sorted(by_seed)]
+                        for name, by_seed in merged.items()})
+    table["skipped"] = {n: why for n, why in skipped.items() if n not in merged}
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "glue.json", json.dumps(table, indent=2) + "\n")
     markdown = glue_markdown(table)
@@ -192,9 +204,34 @@ def run_glue(checkpoint: str, tasks: list[str], seeds: int, data_dir: str | None
     return table
 
 
+def glue_results(output_dir: Path) -> dict[str, dict[int, dict]]:
+    """The finished runs in a glue ``output_dir`` by task then seed: each
+    ``<task>/seed-<N>/metrics.json`` of a GLUE task that holds its dev scores. A run that
+    did not finish (no metrics.json) is not a result; an unreadable one is named."""
+    found: dict[str, dict[int, dict]] = {}
+    for name, task in GLUE.items():
+        for path in sorted(Path(output_dir).glob(f"{name}/seed-*/metrics.json")):
+            seed = path.parent.name[len("seed-"):]
+            if not (seed.isascii() and seed.isdigit()):
+                continue
+            try:
+                metrics = json.loads(path.read_text(encoding="utf-8"))
+                dev = metrics["dev"]
+                complete = metrics["task"] == name and all(
+                    isinstance(dev[k], (int, float)) for k in (*task.metrics, "score"))
+            except (OSError, ValueError, KeyError, TypeError):
+                complete = False
+            if not complete:
+                print(f"glue: {path} is not a finished {name} result; left out of the "
+                      "table", file=sys.stderr)
+                continue
+            found.setdefault(name, {})[int(seed)] = metrics
+    return found
+
+
 def glue_table(results: dict[str, list[dict]]) -> dict:
-    """Per task: each metric's mean and std over seeds, and the task score; the GLUE
-    score over the scored tasks present."""
+    """Per task: each metric's mean and std over seeds (std null for one seed: it is
+    undefined), and the task score; the GLUE score over the scored tasks present."""
     tasks = {}
     for name, runs in results.items():
         task = get_task(name)
@@ -202,9 +239,10 @@ def glue_table(results: dict[str, list[dict]]) -> dict:
         for key in (*task.metrics, "score"):
             values = [r["dev"][key] for r in runs]
             metrics[key] = {"mean": statistics.fmean(values),
-                            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                            "std": statistics.stdev(values) if len(values) > 1 else None,
                             "values": values}
-        tasks[name] = {"seeds": len(runs), "metrics": metrics}
+        tasks[name] = {"seeds": len(runs), "seed_list": [r.get("seed") for r in runs],
+                       "metrics": metrics}
     scored = {n: t["metrics"]["score"]["mean"] for n, t in tasks.items() if n in SCORED}
     return {"tasks": tasks, "glue_score": glue_score(scored) if scored else None,
             "glue_tasks": sorted(scored), "glue_complete": sorted(scored) == sorted(SCORED)}
@@ -215,8 +253,12 @@ def glue_markdown(table: dict) -> str:
     lines = ["| task | metric | dev (mean ± std) | seeds |", "|---|---|---|---|"]
     for name, entry in table["tasks"].items():
         task = get_task(name)
-        shown = " / ".join(f"{100 * entry['metrics'][m]['mean']:.1f} ± "
-                           f"{100 * entry['metrics'][m]['std']:.1f}" for m in task.metrics)
+        if entry["seeds"] > 1:
+            shown = " / ".join(f"{100 * entry['metrics'][m]['mean']:.1f} ± "
+                               f"{100 * entry['metrics'][m]['std']:.1f}" for m in task.metrics)
+        else:  # the std of one value is undefined: the value alone
+            shown = " / ".join(f"{100 * entry['metrics'][m]['mean']:.1f}"
+                               for m in task.metrics) + " (1 seed)"
         lines.append(f"| {name} | {' / '.join(task.metrics)} | {shown} | {entry['seeds']} |")
     score = table["glue_score"]
     if score is not None and not math.isnan(score):
@@ -229,12 +271,13 @@ def glue_markdown(table: dict) -> str:
 
 
 def parse_tasks(spec: str) -> list[str]:
-    """"all" or a comma-separated list of GLUE task names."""
-    from overture.tasks import GLUE
-
+    """"all" or a comma-separated list of GLUE task names (at least one)."""
     if spec == "all":
         return list(GLUE)
     names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ConfigError(f"--tasks {spec!r} names no task; give all, or a comma-separated "
+                          "list such as sst2,rte")
     for name in names:
         try:
             get_task(name)

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 
-from .config import ConfigError, bundled_recipes, load_recipe
+from .config import ConfigError, bundled_recipes, load_recipe, parse_overrides
 from .registry import family_name
 from .errors import Interrupted, RunError, one_line
 
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = _parser()
+    argv = _negative_values_attached(sys.argv[1:] if argv is None else list(argv))
     # parse_known_args so that options may stand before or after the KEY=VALUE overrides
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
@@ -37,6 +38,11 @@ def _main(argv: list[str] | None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    try:  # the same key twice on the command line: refused, not one silently winning
+        parse_overrides(getattr(args, "overrides", []), unique=True)
+    except ConfigError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("datasets", "transformers", "accelerate", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -51,9 +57,27 @@ def _main(argv: list[str] | None) -> int:
     except RunError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:  # `overture recipes | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as err:  # a file the checks above did not foresee: still one line
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # before training started: nothing to save
         print("interrupted before training started; nothing was saved", file=sys.stderr)
         return 130
+
+
+def _negative_values_attached(argv: list[str]) -> list[str]:
+    """``--layer -4,-3,-2,-1`` as ``--layer=-4,-3,-2,-1``: argparse takes a value that
+    starts with "-" (other than one plain number) for an option and refuses it."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--layer" and arg.startswith("-"):
+            out[-1] = f"--layer={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 class _Parser(argparse.ArgumentParser):
@@ -260,7 +284,7 @@ def _prepare(args) -> int:
     for phase in recipe.resolved_phases():
         data = objective.prepare(phase)
         print(f"{data.folder}: {data.stats['train_examples']:,} train / "
-              f"{data.stats['eval_examples']:,} eval examples")
+              f"{data.stats.get('eval_examples', 0):,} eval examples")
     return 0
 
 
@@ -359,8 +383,8 @@ def _probe(args) -> int:
 def _features(args) -> int:
     from pathlib import Path
 
-    from .features import (OUTPUT_FORMATS, check_arguments, check_checkpoint, load,
-                           read_texts, write_features)
+    from .features import (OUTPUT_FORMATS, check_arguments, check_checkpoint, check_output,
+                           load, read_texts, write_features)
 
     try:
         layers = [int(x) for x in str(args.layer).split(",")]
@@ -371,8 +395,7 @@ def _features(args) -> int:
     output = Path(args.output)
     if output.suffix.lower() not in OUTPUT_FORMATS:  # before the work, not after
         raise ConfigError(f"--output {output}: use one of {', '.join(OUTPUT_FORMATS)}")
-    if output.exists() and not args.overwrite:
-        raise ConfigError(f"--output {output} exists; remove it or pass --overwrite")
+    check_output(output, args.overwrite)  # a folder, or a file without --overwrite
     family = _checkpoint_family(args.checkpoint)
     if family is not None and family.unit == "images":
         if args.layer != "-1" or args.pooling != "mean" or args.max_length is not None:

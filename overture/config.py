@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import re
 import os
 import types
 import typing
@@ -23,6 +25,25 @@ from .errors import ConfigError  # noqa: F401 - re-exported: overture.config.Con
 
 
 TOKENIZER_KINDS = ("wordpiece", "bpe", "unigram")
+DEFAULT_CACHE = "~/.cache/overture"
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
+                    "comet_ml": ("comet_ml",), "mlflow": ("mlflow",), "aim": ("aim",),
+                    "clearml": ("clearml",), "dvclive": ("dvclive",)}
+"""Accelerate's trackers by train.report_to name, and the packages that provide them."""
+
+
+def cache_folder(cache_dir: str) -> Path:
+    """``data.cache_dir`` as a folder: env OVERTURE_CACHE replaces the default one only;
+    a folder the recipe or the command line names wins over the environment."""
+    env = os.environ.get("OVERTURE_CACHE")
+    folder = Path(env if env and cache_dir == DEFAULT_CACHE else cache_dir).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file, /proc/x, no permission: one line, not a traceback
+        key = "OVERTURE_CACHE" if env and cache_dir == DEFAULT_CACHE else "data.cache_dir"
+        raise ConfigError(f"{key}={str(folder)!r} cannot be used as a cache folder "
+                          f"({err.strerror or err}); choose a folder you can write to") from None
+    return folder
 
 
 @dataclass
@@ -78,8 +99,9 @@ class DataConfig:
     chunk_mb: float = 4.0
     """Documents are processed in windows of about this many MB; random NSP partners and
     packed blocks come from the same window, so it also bounds memory."""
-    cache_dir: str = "~/.cache/overture"
-    """Where tokenizers and prepared examples are cached (env OVERTURE_CACHE overrides)."""
+    cache_dir: str = DEFAULT_CACHE
+    """Where tokenizers and prepared examples are cached; env OVERTURE_CACHE replaces the
+    default, not a folder the recipe or the command line names."""
     seed: int = 12345
     """Seed for pairing, packing, masking (static) and the held-out split."""
 
@@ -87,6 +109,7 @@ class DataConfig:
         if not self.corpus:
             raise ConfigError("data.corpus is empty: give at least one file, glob, "
                               "hf:NAME or 'default'")
+        check_seed("data.seed", self.seed)
         positive(self, "data", "max_seq_len", "dupe_factor", "chunk_mb", "eval_max_examples")
         if self.max_seq_len < 8:
             raise ConfigError(f"data.max_seq_len={self.max_seq_len} is too short: "
@@ -97,7 +120,7 @@ class DataConfig:
 
     @property
     def resolved_cache_dir(self) -> Path:
-        return Path(os.environ.get("OVERTURE_CACHE") or self.cache_dir).expanduser()
+        return cache_folder(self.cache_dir)
 
 
 @dataclass
@@ -238,6 +261,7 @@ class TrainConfig:
     def validate(self) -> None:
         positive(self, "train", "max_steps", "batch_size", "gradient_accumulation_steps",
                   "lr", "log_every", "eval_batches", "keep_last")
+        check_seed("train.seed", self.seed)
         if self.eval_examples is not None and self.eval_examples <= 0:
             raise ConfigError(f"train.eval_examples={self.eval_examples} must be positive "
                               "(or null: train.eval_batches batches)")
@@ -261,14 +285,19 @@ class TrainConfig:
                      "max_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
-        if self.max_time is not None and self.max_time <= 0:
-            raise ConfigError(f"train.max_time={self.max_time} must be a positive number of minutes")
+        if self.max_time is not None and not 0 < self.max_time < float("inf"):  # NaN too
+            raise ConfigError(f"train.max_time={self.max_time} must be a positive finite "
+                              "number of minutes")
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise ConfigError(f"train.resume={self.resume!r}: not 'auto', 'never' or an "
                               "existing checkpoint folder")
         for tracker in self.report_to:
-            choice_value("train.report_to", tracker, ("tensorboard", "wandb", "comet_ml",
-                                                       "mlflow", "aim", "clearml", "dvclive"))
+            choice_value("train.report_to", tracker, tuple(TRACKER_PACKAGES))
+            # Accelerate only warns and logs nowhere when the package is missing
+            if not any(importlib.util.find_spec(p) for p in TRACKER_PACKAGES[tracker]):
+                raise ConfigError(f"train.report_to: {tracker} is not installed (pip install "
+                                  f"{TRACKER_PACKAGES[tracker][0]}); metrics.jsonl is written "
+                                  "without any tracker")
 
 
 @dataclass
@@ -369,41 +398,57 @@ class Recipe:
 # --------------------------------------------------------------------------- loading
 
 
-def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None,
+                defaults: list[str] | None = None) -> Recipe:
     """Load a recipe from a YAML path or a bundled recipe name, apply KEY=VALUE overrides
     (dotted paths, values parsed as YAML scalars) and validate it. An error in a key or
-    value that an override set names the override, not the file."""
+    value that an override set names the override, not the file. ``defaults`` are KEY=VALUE
+    settings a command puts between the file and the user's overrides (the task's
+    epochs for ``finetune``): the user's overrides replace them."""
     path = resolve_recipe_path(source)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    for key, (item, value) in parse_overrides(defaults or []).items():
+        _set_dotted(raw, key, value, item)
     given = parse_overrides(overrides or [])
     for key, (item, value) in given.items():
         _set_dotted(raw, key, value, item)
     train = raw.get("train")
-    if "train.max_steps" in given and isinstance(train, dict) and train.get("epochs") is not None:
+    steps_given = "train.max_steps" in given or any(k.split(".")[0] == "phases" for k in given)
+    if steps_given and isinstance(train, dict) and train.get("epochs") is not None:
         # the user's max_steps wins over the recipe's epochs, as transformers.Trainer's
         # max_steps over num_train_epochs; both given on the command line contradict
         if "train.epochs" in given:
-            raise ConfigError(f"command-line overrides {given['train.max_steps'][0]!r} and "
+            steps = next(v[0] for k, v in given.items()
+                         if k == "train.max_steps" or k.split(".")[0] == "phases")
+            raise ConfigError(f"command-line overrides {steps!r} and "
                               f"{given['train.epochs'][0]!r} both set the length of training; "
                               "give one of them")
         train["epochs"] = None
+    if "train.max_steps" in given and raw.get("phases"):  # the phases' steps are the length
+        raise ConfigError(f"command-line override {given['train.max_steps'][0]!r} is not used "
+                          "when phases are given (their steps set the length of training); "
+                          "change phases[i].steps instead")
     return recipe_from_dict(raw, where=Where(str(path), {k: v[0] for k, v in given.items()}))
 
 
-def parse_overrides(items: list[str]) -> dict[str, tuple[str, Any]]:
+def parse_overrides(items: list[str], unique: bool = False) -> dict[str, tuple[str, Any]]:
     """KEY=VALUE overrides -> {dotted key: (the item as given, its value parsed as YAML)},
-    in order; a later item for the same key wins."""
+    in order. A later item for a key replaces an earlier one (callers compose lists);
+    with ``unique`` (what a user typed) the same key twice is refused."""
     given: dict[str, tuple[str, Any]] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.max_steps=50)")
-        given.pop(key.strip(), None)
+        if unique and key.strip() in given:  # two settings of one key: neither is ignored
+            raise ConfigError(f"command-line overrides {given[key.strip()][0]!r} and {item!r} "
+                              "set the same key; give it once")
+        given.pop(key.strip(), None)  # the later one, in its place in the order
         given[key.strip()] = (item, _parse_scalar(value))
     return given
 
@@ -431,6 +476,21 @@ class Where(str):
 
 def _where(where: str, dotted: str) -> str:
     return where.of(dotted) if isinstance(where, Where) else where
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error
+    (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in this mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -467,7 +527,7 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
     try:
         recipe.validate()
     except ConfigError as err:  # validate() knows the key; say where its value came from
-        key = str(err).split("=", 1)[0].split(" ")[0]
+        key = re.match(r"[\w.\[\]]*", str(err)).group(0)  # "train.lr=..." -> train.lr
         raise ConfigError(f"{_where(where, key)}: {err}") from None
     return recipe
 
@@ -577,6 +637,12 @@ def positive(obj: Any, section: str, *names: str) -> None:
         value = getattr(obj, name)
         if not value > 0 or value == float("inf"):  # NaN fails the first test
             raise ConfigError(f"{section}.{name}={value} must be a positive finite number")
+
+
+def check_seed(key: str, value: int) -> None:
+    """A seed torch, numpy and scikit-learn all take: 0 .. 2**32 - 1."""
+    if not 0 <= value < 2**32:
+        raise ConfigError(f"{key}={value} must be between 0 and {2**32 - 1} (a seed)")
 
 
 def fraction(obj: Any, section: str, *names: str) -> None:

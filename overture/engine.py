@@ -27,7 +27,7 @@ from .config import ConfigError, Phase, Recipe, TrainConfig
 from .errors import Interrupted
 from .evaluation import Evaluator
 from .launch import configure_accelerator, world_size
-from .loaders import micro_batches, train_loader
+from .loaders import check_one_batch, micro_batches, train_loader
 from .metrics_log import Interval, MetricsLog, UnitCounter, log_record
 from .objective import Objective, Update
 from .optim import build_optimizer, build_scheduler
@@ -161,6 +161,8 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
     recipe = recipe.for_dataset(len(first.train), accelerator.num_processes)
     cfg = recipe.train
     phases = recipe.resolved_phases()
+    # before the models are built and the bar is drawn: the error is the only line
+    check_one_batch(len(first.train), phases[0], accelerator.num_processes)
     total_steps = recipe.total_steps
     trainer = setup_trainer(recipe, objective, accelerator)
 

@@ -195,6 +195,13 @@ def read_texts(path: Path, column: str | None, id_column: str | None
     if suffix != ".parquet":
         check_text_file(path, "--input")  # UTF-16, binary: refused, not read as garbage
     if suffix not in (".csv", ".tsv", ".jsonl", ".parquet"):
+        given = [o for o, v in (("--column", column), ("--id-column", id_column))
+                 if v is not None]
+        if given:  # a plain text file has no columns: the option would do nothing
+            raise ConfigError(f"{' and '.join(given)} given, but --input {path} is plain "
+                              "text (one text per line, no columns); leave "
+                              f"{'them' if len(given) > 1 else 'it'} out, or give a .csv / "
+                              ".tsv / .jsonl / .parquet input")
         ids, texts, empty = [], [], 0
         # utf-8-sig: a byte-order mark is not part of the first text; lines end at \n
         # (or \r\n, \r) only, so that ids are the line numbers an editor shows
@@ -228,6 +235,16 @@ def read_texts(path: Path, column: str | None, id_column: str | None
     return ids, texts
 
 
+def check_output(path: Path, overwrite: bool = False) -> None:
+    """Refuse an --output that is a folder (--overwrite replaces files only) or an
+    existing file without --overwrite."""
+    if path.is_dir():
+        raise ConfigError(f"--output {path} is a folder; give a file path (e.g. "
+                          f"{path / ('features' + path.suffix.lower())})")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"--output {path} exists; remove it or pass --overwrite")
+
+
 def write_features(path: Path, ids: list[str], embeddings: np.ndarray,
                    overwrite: bool = False) -> None:
     """Write embeddings in input order: .npy (the matrix; row i is input row i),
@@ -239,8 +256,7 @@ def write_features(path: Path, ids: list[str], embeddings: np.ndarray,
     suffix = path.suffix.lower()
     if suffix not in OUTPUT_FORMATS:
         raise ConfigError(f"--output {path}: use one of {', '.join(OUTPUT_FORMATS)}")
-    if path.exists() and not overwrite:
-        raise ConfigError(f"--output {path} exists; remove it or pass --overwrite")
+    check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         if suffix == ".npy":

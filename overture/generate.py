@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from .config import check_seed
 from .errors import ConfigError, first_line
 from .hub import load_pretrained, quiet_transformers, resolve_checkpoint
 
@@ -27,6 +28,7 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 40,
                           "(0 decodes greedily)")
     if not math.isfinite(top_p) or not 0 < top_p <= 1:
         raise ConfigError(f"--top-p={top_p} must be a finite number in (0, 1]")
+    check_seed("--seed", seed)
     if top_k < 0:
         raise ConfigError(f"--top-k={top_k} must be >= 0 (0 disables top-k filtering)")
     from transformers import AutoConfig

@@ -46,12 +46,16 @@ class EpochSampler(torch.utils.data.Sampler):
         return self.size
 
 
+def check_one_batch(examples: int, phase: Phase, processes: int) -> None:
+    """Refuse a training set smaller than one batch of every process."""
+    if examples < phase.batch_size * processes:
+        raise ConfigError(f"only {examples} training examples, fewer than one batch "
+                          f"(train.batch_size={phase.batch_size} x {processes} processes): "
+                          "use more data or a smaller batch")
+
+
 def train_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
-    per_step = phase.batch_size * accelerator.num_processes
-    if len(dataset) < per_step:
-        raise ConfigError(f"only {len(dataset)} training examples, fewer than one batch "
-                          f"(train.batch_size={phase.batch_size} x {accelerator.num_processes} "
-                          "processes): use more data or a smaller batch")
+    check_one_batch(len(dataset), phase, accelerator.num_processes)
     lengths = None
     if recipe.train.group_by_length:
         if "length" not in dataset.column_names:

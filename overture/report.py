@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def write_report(run_dir: Path, output: Path | None = None) -> Path:
     panels = _panels(by_split)
     if not panels:
         raise ConfigError(f"{run_dir}/metrics.jsonl holds no metric to plot")
+    output = _output_path(run_dir, output)  # before drawing: a bad path is one line
     cols = 3
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
@@ -75,8 +77,31 @@ def write_report(run_dir: Path, output: Path | None = None) -> Path:
         ax.axis("off")
     fig.suptitle(Path(run_dir).resolve().name)
     fig.tight_layout()
-    output = Path(output) if output else Path(run_dir) / "report.png"
-    with atomic_file(output) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    try:
+        with atomic_file(output) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    except OSError as err:  # e.g. the disk filled up while writing
+        raise ConfigError(f"{output}: cannot write the report ({err.strerror or err})"
+                          ) from err
+    finally:
+        plt.close(fig)
     return output
+
+
+def _output_path(run_dir: Path, output: Path | str | None) -> Path:
+    """The report's path: ``output`` (its missing parent folders are created, as for
+    every file overture writes) or RUN_DIR/report.png. A folder, or a place that cannot
+    be written (a parent that is a file, no permission), is refused in one line."""
+    path = Path(output) if output else Path(run_dir) / "report.png"
+    name = f"--output {path}" if output else str(path)
+    if path.is_dir():
+        raise ConfigError(f"{name} is a folder; give a file path (e.g. {path / 'report.png'})")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{name}: cannot create its folder {path.parent} "
+                          f"({err.strerror or err}); choose another path") from err
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{name}: cannot write into {path.parent} (permission denied); "
+                          "choose another path")
+    return path

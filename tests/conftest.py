@@ -40,10 +40,9 @@ def make_recipe(cache_dir, real_text):
     """bert-tiny on real text with a shared cache; extra KEY=VALUE overrides on top."""
 
     def make(output_dir: Path | str = "unused", *overrides: str):
-        return load_recipe("bert-tiny", [f"data.corpus=[{real_text}]",
-                                         f"data.cache_dir={cache_dir}",
-                                         f"output_dir={output_dir}", "data.num_proc=1",
-                                         "tokenizer.vocab_size=2048", *overrides])
+        return load_recipe("bert-tiny", list(overrides), defaults=[
+            f"data.corpus=[{real_text}]", f"data.cache_dir={cache_dir}",
+            f"output_dir={output_dir}", "data.num_proc=1", "tokenizer.vocab_size=2048"])
 
     return make
 

@@ -48,12 +48,13 @@ def tiny(family: str, run_dir, cache_dir, corpus, *overrides: str):
     Fine-tuning ("classify") gets a tiny BERT checkpoint and an SST-2-style task, both
     made from ``corpus`` (see ``classify_inputs``). Image families train on 64 of the
     bundled digits at 16x16 (the text-only overrides are dropped)."""
+    # the helper's settings are defaults: a test's overrides replace them
     if family in IMAGE_TINY:
         return load_recipe(IMAGE_TINY[family], [
+            o for o in overrides if not o.startswith(TEXT_ONLY)], defaults=[
             f"data.cache_dir={cache_dir}", f"output_dir={run_dir}", "data.num_proc=1",
             "data.image_size=16", "data.max_train_examples=64", "train.batch_size=8",
-            "train.warmup_steps=2",
-            *(o for o in overrides if not o.startswith(TEXT_ONLY))])
+            "train.warmup_steps=2"])
     extra = []
     if family == "classify":
         checkpoint, glue = classify_inputs(cache_dir, corpus)
@@ -63,10 +64,10 @@ def tiny(family: str, run_dir, cache_dir, corpus, *overrides: str):
                  "train.batch_size=8"]
     if family == "longformer":  # 1,024-token inputs are CPU minutes; the contract needs less
         extra = ["data.max_seq_len=256", "model.attention_window=32"]
-    return load_recipe(f"{family}-tiny", [
+    return load_recipe(f"{family}-tiny", list(overrides), defaults=[
         f"data.corpus=[{corpus}]", f"data.cache_dir={cache_dir}", f"output_dir={run_dir}",
         "data.num_proc=1", "tokenizer.vocab_size=1024", "tokenizer.min_frequency=1",
-        *extra, *overrides])
+        *extra])
 
 
 def classify_inputs(cache_dir, corpus) -> tuple[Path, Path]:

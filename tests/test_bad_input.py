@@ -231,3 +231,16 @@ def test_a_tsv_corpus_keeps_quotes_as_text_and_every_line_is_a_row(tmp_path):
     (tmp_path / "c.csv").write_text('id,text\n1,"a, quoted\nfield"\n2,"say ""hi"""\n',
                                     encoding="utf-8")
     assert _read(tmp_path / "c.csv") == [["a, quoted", "field"], ['say "hi"']]
+
+
+def test_a_corpus_row_with_more_fields_than_the_header_names_file_and_line(tmp_path):
+    """A tab inside a TSV text (or an unquoted comma in a CSV one) would silently drop the
+    text after it: the row is refused, naming its line."""
+    (tmp_path / "c.tsv").write_text("id\ttext\n1\tfine text.\n2\tbefore tab.\tafter tab.\n")
+    with pytest.raises(ConfigError, match=r"c\.tsv, line 3: 3 fields, more than the "
+                                          r"header's 2 \(a tab inside a text\?\)"):
+        _read(tmp_path / "c.tsv")
+    (tmp_path / "c.csv").write_text('text\n"a, quoted text"\nan, unquoted one\n')
+    with pytest.raises(ConfigError, match=r"c\.csv, line 3: 2 fields, more than the "
+                                          r"header's 1"):
+        _read(tmp_path / "c.csv")

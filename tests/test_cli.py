@@ -175,6 +175,9 @@ COMMON_ERRORS = {
     "generate": (["generate", "--checkpoint", "{bert}", "--prompt", "Once"],
                  "not a causal-LM checkpoint"),
     "report": (["report", "{empty}"], "no metrics log here"),
+    "finetune --images, too few": (["finetune", "--checkpoint", "{image}", "--images",
+                                    "{empty}/pets"], "only 4 training examples, fewer than "
+                                                     "one batch"),
 }
 
 _RUN_EACH = r"""
@@ -205,6 +208,12 @@ def test_each_commands_common_error_is_the_one_and_last_line_of_stderr(tmp_path,
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "bad.yaml").write_text("model:\n hidden_size: 128\n  layers: 2\n")
+    from PIL import Image
+
+    for name in ("cat", "dog"):  # 5 images, 4 of them for training: less than a batch
+        (empty / "pets" / name).mkdir(parents=True)
+        for i in range(3 if name == "cat" else 2):
+            Image.new("RGB", (8, 8), (40 * i, 90, 0)).save(empty / "pets" / name / f"{i}.png")
     slots = {"bert": str(trained("bert") / "final"), "image": str(trained("image") / "final"),
              "empty": str(empty)}
     argvs = {name: [a.format(**slots) for a in argv] for name, (argv, _) in COMMON_ERRORS.items()}
@@ -270,3 +279,62 @@ def test_the_command_line_module_imports_no_family_module():
     family_modules = {path.split(":")[0] for path in FAMILIES.values()}
     assert not imported & family_modules
     assert not [m for m in imported if m.startswith(("overture.pretrain", "pretrain"))]
+
+
+def test_report_output_gets_its_missing_folders_and_a_bad_path_is_one_line(
+        trained, tmp_path, capsys, monkeypatch):
+    from overture.cli import main
+
+    run = trained("bert")
+    deep = tmp_path / "rep" / "missing" / "dir" / "r.png"
+    assert main(["report", str(run), "--output", str(deep)]) == 0
+    assert capsys.readouterr().out.strip() == str(deep)
+    assert deep.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def error(output) -> str:
+        assert main(["report", str(run), "--output", str(output)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("user data")
+    assert error(blocker / "sub" / "r.png") == (
+        f"error: --output {blocker / 'sub' / 'r.png'}: cannot create its folder "
+        f"{blocker / 'sub'} (Not a directory); choose another path")
+    assert blocker.read_text() == "user data"
+    folder = tmp_path / "rep"
+    assert error(folder) == (f"error: --output {folder} is a folder; give a file path "
+                             f"(e.g. {folder / 'report.png'})")
+    assert sorted(p.name for p in folder.iterdir()) == ["missing"]
+    import overture.report  # root may write anywhere: the permission check, simulated
+
+    monkeypatch.setattr(overture.report.os, "access", lambda path, mode: False)
+    assert error(tmp_path / "r.png") == (f"error: --output {tmp_path / 'r.png'}: cannot write "
+                                         f"into {tmp_path} (permission denied); choose "
+                                         "another path")
+    assert not (tmp_path / "r.png").exists()
+
+
+def test_prepare_and_dry_run_work_without_held_out_examples(tmp_path, cache_dir, capsys):
+    from overture.cli import main
+
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("One sentence here. Another one there.\n\nA second document is here. "
+                      "And more text follows it.\n")
+    args = [f"data.corpus=[{corpus}]", "data.eval_fraction=0", f"data.cache_dir={cache_dir}",
+            "tokenizer.vocab_size=200", "tokenizer.min_frequency=1", "train.batch_size=2"]
+    assert main(["prepare", "bert-tiny", *args]) == 0
+    assert capsys.readouterr().out.strip().endswith(" / 0 eval examples")
+    assert main(["pretrain", "bert-tiny", "--dry-run", *args]) == 0
+    assert "  eval_examples: 0" in capsys.readouterr().out.splitlines()
+
+
+def test_a_negative_layer_list_is_read_as_the_readme_writes_it():
+    from overture.cli import _negative_values_attached, _parser
+
+    argv = _negative_values_attached(["features", "--checkpoint", "c", "--input", "i.txt",
+                                      "--output", "o.npy", "--layer", "-4,-3,-2,-1"])
+    assert _parser().parse_args(argv).layer == "-4,-3,-2,-1"
+    assert _negative_values_attached(["--layer", "-1", "--pooling", "cls"]) == [
+        "--layer=-1", "--pooling", "cls"]

@@ -103,3 +103,68 @@ def test_an_explicit_max_steps_wins_over_the_recipes_epochs_and_both_are_refused
     with pytest.raises(ConfigError, match=r"command-line overrides 'train\.max_steps=7' and "
                                           r"'train\.epochs=2' both set the length of training"):
         load_recipe("image-finetune", ["train.max_steps=7", "train.epochs=2"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["phases=[{steps: 3}]", "train.max_steps=10"],
+     "command-line override 'train.max_steps=10' is not used when phases are given"),
+    (["train.max_time=nan"], "train.max_time=nan must be a positive finite number"),
+    (["train.max_time=.inf"], "train.max_time=inf must be a positive finite number"),
+    (["train.seed=-1"], "train.seed=-1 must be between 0 and 4294967295"),
+    (["data.seed=99999999999"], "data.seed=99999999999 must be between 0 and 4294967295"),
+])
+def test_settings_that_would_be_ignored_or_crash_later_are_refused_now(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_recipe("bert-tiny", overrides)
+    assert message in str(err.value)
+
+
+def test_a_key_given_twice_in_a_recipe_file_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  max_steps: 5\n  lr: 1e-3\n  max_steps: 9\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    assert str(err.value) == (f"{path}: not valid YAML: line 4, column 3: key 'max_steps' is "
+                              "given twice in this mapping")
+
+
+def test_a_tracker_that_is_not_installed_is_refused(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"train\.report_to: wandb is not installed "
+                                          r"\(pip install wandb\)"):
+        load_recipe("bert-tiny", ["train.report_to=[wandb]"])
+    assert load_recipe("bert-tiny", ["train.report_to=[tensorboard]"]).train.report_to == [
+        "tensorboard"]  # installed with the dev extras
+
+
+def test_an_explicit_cache_dir_wins_over_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("OVERTURE_CACHE", str(tmp_path / "env"))
+    assert load_recipe("bert-tiny").data.resolved_cache_dir == tmp_path / "env"
+    named = load_recipe("bert-tiny", [f"data.cache_dir={tmp_path / 'mine'}"])
+    assert named.data.resolved_cache_dir == tmp_path / "mine"
+    image = load_recipe("resnet-tiny-digits", [f"data.cache_dir={tmp_path / 'img'}"])
+    assert image.data.resolved_cache_dir == tmp_path / "img"
+
+
+def test_a_cache_dir_that_cannot_be_a_folder_is_one_error(tmp_path):
+    (tmp_path / "afile").write_text("")
+    recipe = load_recipe("bert-tiny", [f"data.cache_dir={tmp_path / 'afile'}"])
+    with pytest.raises(ConfigError, match=r"data\.cache_dir='.*afile' cannot be used as a "
+                                          r"cache folder \(File exists\)"):
+        recipe.data.resolved_cache_dir
+
+
+def test_the_same_key_twice_on_the_command_line_is_refused(capsys):
+    from overture.cli import main
+
+    assert main(["pretrain", "bert-tiny", "train.max_steps=5", "--dry-run",
+                 "train.max_steps=7"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: command-line overrides 'train.max_steps=5' and 'train.max_steps=7' set the "
+        "same key; give it once"]
+    # composed in code (a command's own settings, then the user's), the later one wins
+    assert load_recipe("bert-tiny", ["train.max_steps=5", "train.max_steps=7"]).train.max_steps == 7

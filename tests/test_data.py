@@ -118,8 +118,10 @@ def test_default_corpus_drops_code_paragraphs_and_is_extracted_once(cache_dir):
     assert default_corpus_path(cache_dir) == path and path.stat().st_mtime_ns == stamp
 
 
-def test_overture_cache_overrides_the_cache_dir(make_recipe, monkeypatch, tmp_path):
-    recipe = make_recipe()
+def test_overture_cache_replaces_the_default_cache_dir(monkeypatch, tmp_path):
+    from overture.config import load_recipe
+
+    recipe = load_recipe("bert-tiny")  # data.cache_dir left at its default
     monkeypatch.setenv("OVERTURE_CACHE", str(tmp_path / "elsewhere"))
     assert recipe.data.resolved_cache_dir == tmp_path / "elsewhere"
 

@@ -229,3 +229,49 @@ def test_load_checks_max_length_against_the_models_positions(trained):
     assert position_limit(BertConfig(max_position_embeddings=128)) == 128
     assert position_limit(RobertaConfig(max_position_embeddings=66, pad_token_id=1)) == 64
     assert position_limit(LongformerConfig(max_position_embeddings=4098, pad_token_id=1)) == 4096
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--column", "body"], "--column given"), (["--id-column", "key"], "--id-column given"),
+    (["--column", "body", "--id-column", "key"], "--column and --id-column given")])
+def test_features_refuses_column_options_on_a_plain_text_input(trained, tmp_path, capsys,
+                                                               monkeypatch, options, named):
+    import overture.features
+
+    monkeypatch.setattr(overture.features, "load_pretrained",
+                        lambda *a, **k: pytest.fail("the model loaded"))
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(TEXTS) + "\n")
+    assert main(["features", "--checkpoint", str(trained("bert")), "--input", str(source),
+                 "--output", str(tmp_path / "o.npy"), *options]) == 2
+    them = "them" if len(options) > 2 else "it"
+    assert _one_line_error(capsys) == (
+        f"error: {named}, but --input {source} is plain text (one text per line, no "
+        f"columns); leave {them} out, or give a .csv / .tsv / .jsonl / .parquet input")
+    assert not (tmp_path / "o.npy").exists()
+    assert read_texts(source, None, None)[1] == TEXTS  # without them it reads as before
+
+
+def test_features_refuses_an_output_that_is_a_folder_before_any_work(trained, tmp_path,
+                                                                     capsys, monkeypatch):
+    import overture.features
+    from overture.config import ConfigError
+
+    monkeypatch.setattr(overture.features, "load_pretrained",
+                        lambda *a, **k: pytest.fail("the model loaded"))
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(TEXTS) + "\n")
+    folder = tmp_path / "feat" / "dir.npy"
+    folder.mkdir(parents=True)
+    (folder / "keep.txt").write_text("user data")
+    assert main(["features", "--checkpoint", str(trained("bert")), "--input", str(source),
+                 "--output", str(folder), "--overwrite"]) == 2
+    assert _one_line_error(capsys) == (f"error: --output {folder} is a folder; give a file "
+                                       f"path (e.g. {folder / 'features.npy'})")
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+    assert (folder / "keep.txt").read_text() == "user data"
+    # the library call refuses it too, writing nothing
+    with pytest.raises(ConfigError, match="is a folder; give a file path"):
+        overture.features.write_features(folder, ["1"], np.zeros((1, 4), np.float32),
+                                         overwrite=True)
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]

@@ -226,6 +226,89 @@ def test_glue_tabulates_seeds_and_names_missing_tasks(inputs, cache_dir, real_te
         assert max(records(tmp_path / "glue" / "sst2" / f"seed-{seed}")) == 6
 
 
+GLUE_QUICK = ["train.max_steps=1", "train.interval_unit=steps", "train.eval_every=0",
+              "train.save_every=0", "data.max_seq_len=32", "train.batch_size=8"]
+
+
+def _sst2_and_rte(glue: Path, folder: Path, rows: int = 64) -> Path:
+    """The first ``rows`` of the fixture's SST-2 train / dev, and an RTE made of them
+    (label: "the" in the first sentence)."""
+    (folder / "SST-2").mkdir(parents=True)
+    (folder / "RTE").mkdir()
+    for split in ("train", "dev"):
+        lines = (glue / "SST-2" / f"{split}.tsv").read_text().splitlines()[:rows + 1]
+        (folder / "SST-2" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+        pairs = [line.split("\t") for line in lines[1:]]
+        (folder / "RTE" / f"{split}.tsv").write_text(
+            "index\tsentence1\tsentence2\tlabel\n" + "".join(
+                f"{i}\t{s}\t{s[::-1]}\t{'entailment' if y == '1' else 'not_entailment'}\n"
+                for i, (s, y) in enumerate(pairs)))
+    return folder
+
+
+def test_glue_table_keeps_earlier_tasks_and_a_rerun_replaces_its_own_seed(
+        inputs, cache_dir, tmp_path, capsys):
+    checkpoint, glue = inputs
+    data, out = _sst2_and_rte(glue, tmp_path / "data"), tmp_path / "G"
+    common = ["--checkpoint", str(checkpoint), "--data-dir", str(data), "--seeds", "1",
+              "--output-dir", str(out), f"data.cache_dir={cache_dir}", *GLUE_QUICK]
+    assert main(["glue", "--tasks", "rte", *common]) == 0
+    earlier = json.loads((out / "rte" / "seed-42" / "metrics.json").read_text())
+    rte = earlier["dev"]["accuracy"]
+    # an earlier sst2 seed 42 too: this run's seed 42 replaces it (it shows if it were kept)
+    (out / "sst2" / "seed-42").mkdir(parents=True)
+    (out / "sst2" / "seed-42" / "metrics.json").write_text(json.dumps(
+        {**earlier, "task": "sst2", "dev": {"accuracy": 0.123, "score": 0.123}}))
+    capsys.readouterr()
+    assert main(["glue", "--tasks", "sst2", *common]) == 0
+    kept = [line for line in capsys.readouterr().err.splitlines() if "earlier" in line]
+    assert kept == [f"glue: {out}/glue.md keeps earlier results: rte (seed 42)"]
+    table = json.loads((out / "glue.json").read_text())
+    sst2 = json.loads((out / "sst2" / "seed-42" / "metrics.json").read_text())["dev"]["accuracy"]
+    assert list(table["tasks"]) == ["sst2", "rte"] and table["glue_tasks"] == ["rte", "sst2"]
+    assert table["tasks"]["rte"]["metrics"]["accuracy"]["values"] == [rte]
+    assert table["tasks"]["sst2"]["metrics"]["accuracy"]["values"] == [sst2]
+    # one seed: the std is undefined, so null in glue.json and no "± 0.0" in glue.md
+    assert table["tasks"]["rte"]["metrics"]["accuracy"]["std"] is None
+    assert table["tasks"]["rte"]["seed_list"] == [42]
+    markdown = (out / "glue.md").read_text()
+    assert f"| rte | accuracy | {100 * rte:.1f} (1 seed) | 1 |" in markdown
+    assert f"| sst2 | accuracy | {100 * sst2:.1f} (1 seed) | 1 |" in markdown
+    assert "± 0.0" not in markdown and "over 2 of 9 tasks: rte, sst2" in markdown
+    assert sst2 != 0.123
+
+
+def test_glue_with_no_task_that_can_run_is_a_one_line_error(inputs, tmp_path, capsys):
+    checkpoint, glue = inputs
+    base = ["glue", "--checkpoint", str(checkpoint), "--data-dir", str(glue),
+            "--output-dir", str(tmp_path / "G")]
+    cases = {"": "error: --tasks '' names no task; give all, or a comma-separated list such "
+                 "as sst2,rte",
+             " , ": "error: --tasks ' , ' names no task; give all, or a comma-separated list "
+                    "such as sst2,rte",
+             "mrpc": f"error: --tasks mrpc: no task can run (mrpc: missing "
+                     f"{glue / 'MRPC' / 'train.tsv'}, {glue / 'MRPC' / 'dev.tsv'})",
+             "ax,rte": f"error: --tasks ax,rte: no task can run (ax: predicted by the mnli "
+                       f"model, no dev score; run mnli; rte: missing "
+                       f"{glue / 'RTE' / 'train.tsv'}, {glue / 'RTE' / 'dev.tsv'})"}
+    for tasks, message in cases.items():
+        assert main([*base, "--tasks", tasks]) == 2, tasks
+        assert capsys.readouterr().err.strip().splitlines() == [message]
+    assert not (tmp_path / "G").exists()
+
+
+def test_glue_refuses_an_output_dir_override_that_would_train_every_run_in_one_folder(
+        inputs, tmp_path, capsys):
+    checkpoint, glue = inputs
+    assert main(["glue", "--checkpoint", str(checkpoint), "--data-dir", str(glue), "--tasks",
+                 "sst2", "--output-dir", str(tmp_path / "G"), "--seeds", "2",
+                 f"output_dir={tmp_path / 'one'}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: output_dir={tmp_path / 'one'}: glue writes each run to "
+        "--output-dir/<task>/seed-<N>; give --output-dir instead"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_long_inputs_are_cut_to_max_seq_len_and_counted(inputs, cache_dir, real_text):
     from helpers import prepare
 
@@ -306,7 +389,8 @@ def test_max_steps_and_epochs_together_are_refused_in_one_line(inputs, tmp_path,
                      "train.epochs=2"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1, err
-        assert "train.max_steps and train.epochs=2 both set the length of training" in err[0]
+        assert ("command-line overrides 'train.max_steps=20' and 'train.epochs=2' both set "
+                "the length of training") in err[0]
     assert not (tmp_path / "run").exists()
 
 

@@ -713,7 +713,8 @@ def test_bad_image_inputs_end_in_one_line_and_exit_2(case, message, tmp_path, ca
              "batch-of-1": ["train.batch_size=1"],
              "jitter": ["objective.color_jitter=[0.4,0.4]"],
              "policy": ["objective.auto_augment=foo"],
-             "args-with-checkpoint": [f"model.init_from={digits_run}"]}.get(case, [])
+             "args-with-checkpoint": [f"model.init_from={digits_run}"],
+             "one-class": ["train.batch_size=4"]}.get(case, [])  # 6 images: one batch
     assert main([*base, *extra]) == 2
     assert message in _one_line_error(capsys)
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -915,3 +916,19 @@ def test_image_recipes_have_no_tokenizer_section(tmp_path, capsys):
     assert main(["pretrain", "resnet-tiny-digits", "tokenizer.vocab_size=5",
                  f"output_dir={tmp_path / 'run'}"]) == 2
     assert "has no tokenizer" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("option,value", [("--seed", "-3"), ("--data-seed", "-1"),
+                                          ("--seed", str(2**32)), ("--data-seed", str(2**32))])
+def test_probe_refuses_a_seed_outside_0_to_2_32_in_one_line_before_any_work(
+        trained, tmp_path, capsys, monkeypatch, option, value):
+    from overture.pretrain.image import features, probe
+
+    monkeypatch.setattr(features, "ImageEncoder", lambda *a, **k: pytest.fail("loaded"))
+    assert main(["probe", "--checkpoint", str(trained("image")), "--data", "digits",
+                 "--cache-dir", str(tmp_path / "cache"), option, value]) == 2
+    assert _one_line_error(capsys) == (f"error: {option}={value} must be an integer from 0 "
+                                       "to 4294967295 (2**32 - 1)")
+    assert not (tmp_path / "cache").exists()
+    for edge in (0, 2**32 - 1):  # the ends of the range are seeds numpy and sklearn take
+        probe.check_seed("--seed", edge)

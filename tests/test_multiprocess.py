@@ -427,8 +427,10 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_saved_step(runs, cache_dir
     on it at the next step, both write their state into the same checkpoint and each
     exits 143 with one line (resuming from such a checkpoint: test_faults.py)."""
     run = runs.work / "bert-sigterm"
-    overrides = [*_overrides("bert", run, cache_dir, real_text, B), "train.save_every=0",
-                 "train.max_steps=400"]
+    # the command line takes each key once: these two replace _overrides' own
+    replaced = ("train.save_every=", "train.max_steps=")
+    overrides = [*(o for o in _overrides("bert", run, cache_dir, real_text, B)
+                   if not o.startswith(replaced)), "train.save_every=0", "train.max_steps=400"]
     args = ["-m", "overture", "pretrain", "bert-tiny", *overrides]
     log_path = run.parent / "bert-sigterm.log"
     with open(log_path, "w") as log:

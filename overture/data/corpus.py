@@ -236,6 +236,11 @@ def _iter_csv(path: str, text_column: str, stats: CorpusStats) -> Iterator[objec
             if text_column not in reader.fieldnames:
                 raise _missing_column(path, text_column, reader.fieldnames)
             for row in reader:
+                if None in row:  # DictReader's place for fields beyond the header's
+                    raise ConfigError(
+                        f"{path}, line {reader.line_num}: {len(reader.fieldnames) + len(row[None])}"
+                        f" fields, more than the header's {len(reader.fieldnames)}"
+                        + (" (a tab inside a text?)" if tsv else " (quote a text with commas)"))
                 yield row[text_column]
         except csv.Error as err:
             raise ConfigError(f"{path}, line {reader.line_num}: not valid CSV ({err})") from None

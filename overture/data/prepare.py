@@ -188,11 +188,14 @@ def _build(builder: ExampleBuilder, data: DataConfig, sources, eval_sources, fol
                           f"empty lines skipped: {corpus.empty_lines_skipped})")
     if counts["train_examples"] == 0:
         raise ConfigError(f"data.corpus {data.corpus}: no training example could be cut "
-                          f"from {corpus.documents} documents")
+                          f"from {corpus.documents} documents" + (
+                              f" (data.eval_fraction={data.eval_fraction} holds them all out)"
+                              if data.eval_fraction >= 1 and not eval_sources else ""))
     if eval_sources and counts["eval_examples"] == 0:
         raise ConfigError(f"data.eval_corpus {data.eval_corpus}: no evaluation example "
                           "could be cut from it")
-    stats = {"corpus": asdict(corpus), **counts, "workers": workers}
+    # eval_examples is there when 0 too (data.eval_fraction=0): the readers expect it
+    stats = {"corpus": asdict(corpus), "eval_examples": 0, **counts, "workers": workers}
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     (tmp / COMPLETE).write_text("")
     publish_dir(tmp, folder, replace=False)  # the cache is either whole or absent

@@ -34,7 +34,8 @@ import numpy as np
 import pyarrow as pa
 
 from overture.atomic import COMPLETE, fresh_tmp_dir, publish_dir
-from overture.config import ConfigError, fraction, positive
+from overture.config import (DEFAULT_CACHE, ConfigError, cache_folder, check_seed, fraction,
+                             positive)
 from overture.data.prepare import PreparedData
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,14 @@ class ImageDataConfig:
     decoded while training. Larger sets keep the encoded files, decoded on every read."""
     num_proc: int = 0
     """Processes that check the images while preparing; 0 uses every core."""
-    cache_dir: str = "~/.cache/overture"
-    """Where the prepared index is cached (env OVERTURE_CACHE overrides)."""
+    cache_dir: str = DEFAULT_CACHE
+    """Where the prepared index is cached; env OVERTURE_CACHE replaces the default, not a
+    folder the recipe or the command line names."""
     seed: int = 12345
     """Seed of the held-out split and of the max_train_examples subset."""
 
     def validate(self) -> None:
+        check_seed("data.seed", self.seed)
         if not self.source:
             raise ConfigError("data.source is empty: give digits, an image folder, hf:NAME, "
                               "a .parquet file or cifar10:ROOT")
@@ -103,7 +106,7 @@ class ImageDataConfig:
 
     @property
     def resolved_cache_dir(self) -> Path:
-        return Path(os.environ.get("OVERTURE_CACHE") or self.cache_dir).expanduser()
+        return cache_folder(self.cache_dir)
 
 
 @dataclass

@@ -64,6 +64,17 @@ def _fit_linear(x: np.ndarray, y: np.ndarray, l2: float, seed: int):
     return predict
 
 
+SEED_MAX = 2**32 - 1
+"""The largest seed numpy and scikit-learn take (seeds are 0..2**32 - 1)."""
+
+
+def check_seed(option: str, value) -> None:
+    """Refuse a seed numpy / scikit-learn would reject, naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{option}={value} must be an integer from 0 to {SEED_MAX} "
+                          "(2**32 - 1)")
+
+
 def probe(checkpoint: str, data: str, eval_data: str | None = None,
           eval_fraction: float = 0.2, method: str = "logreg", random_init: bool = False,
           seed: int = 0, batch_size: int = 256, cache_dir: str = "~/.cache/overture",
@@ -75,6 +86,8 @@ def probe(checkpoint: str, data: str, eval_data: str | None = None,
     from .data import ImageDataConfig, prepare_images
     from .features import ImageEncoder
 
+    for option, value in (("--seed", seed), ("--data-seed", data_seed)):  # before any work
+        check_seed(option, value)
     if method not in METHODS:  # before any work
         raise ConfigError(f"--method={method!r} is not one of {', '.join(METHODS)}")
     encoder = ImageEncoder(checkpoint, random_init=random_init, seed=seed)

@@ -154,5 +154,5 @@ class Gpt(TextFamily):
         kept = stats["train_tokens"]
         dropped = stats.get("train_tokens_dropped", 0)
         return {"train_examples": stats["train_examples"],
-                "eval_examples": stats["eval_examples"], "block_size": phase.max_seq_len,
+                "eval_examples": stats.get("eval_examples", 0), "block_size": phase.max_seq_len,
                 "train_tokens": kept, "dropped_fraction": dropped / max(kept + dropped, 1)}

@@ -306,7 +306,7 @@ class MaskedLMFamily(TextFamily):
             slots += ids.numel()
         stats = data.stats
         report = {
-            "train_examples": stats["train_examples"], "eval_examples": stats["eval_examples"],
+            "train_examples": stats["train_examples"], "eval_examples": stats.get("eval_examples", 0),
             "mask_rate": selected / max(candidates, 1),
             "mask_split_mask": masked / max(selected, 1),
             "mask_split_random": (selected - masked - kept) / max(selected, 1),
