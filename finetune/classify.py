@@ -178,16 +178,9 @@ class Classify:
         pads with its end-of-text token, which final/ saves as its pad token so that the
         exported classifier takes padded batches in plain transformers."""
         if self.tokenizer is None:
-            from transformers import AutoTokenizer
+            from overture.hub import load_tokenizer
 
-            from overture.hub import quiet_transformers
-
-            try:
-                with quiet_transformers():
-                    tok = AutoTokenizer.from_pretrained(self.checkpoint)
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                raise ConfigError(f"objective.checkpoint={self.recipe.objective.checkpoint!r}:"
-                                  f" cannot load its tokenizer ({first_line(err)})") from None
+            tok = load_tokenizer(self.checkpoint, "objective.checkpoint")
             if tok.pad_token is None and tok.eos_token is not None:
                 tok.pad_token = tok.eos_token
             self.tokenizer = tok

@@ -26,7 +26,9 @@ def eval_size(recipe: Recipe, phase: Phase) -> int:
     """Held-out examples per evaluation: ``train.eval_examples``, or ``train.eval_batches``
     batches of the phase."""
     cfg = recipe.train
-    return cfg.eval_examples if cfg.eval_examples is not None else cfg.eval_batches * phase.batch_size
+    if cfg.eval_examples is not None:
+        return cfg.eval_examples
+    return cfg.eval_batches * phase.batch_size
 
 
 def eval_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):

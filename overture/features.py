@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import ConfigError, first_line
-from .hub import load_pretrained, quiet_transformers, resolve_checkpoint
+from .hub import load_pretrained, load_tokenizer, resolve_checkpoint
 
 POOLINGS = ("cls", "mean", "max", "pooler")
 OUTPUT_FORMATS = (".npy", ".safetensors", ".parquet")
@@ -27,17 +27,16 @@ class Encoder:
     def __init__(self, checkpoint: str | Path, device: str | None = None,
                  max_length: int | None = None):
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
         path, config = check_checkpoint(checkpoint, max_length)  # before any loading
         positions = position_limit(config)
+        self.tokenizer = load_tokenizer(path, "--checkpoint")  # its own one-line errors
         try:
-            with quiet_transformers():
-                self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.model = load_pretrained(AutoModel, path)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"--checkpoint {checkpoint}: cannot load a model and "
-                              f"tokenizer ({first_line(err)})") from err
+            raise ConfigError(f"--checkpoint {checkpoint}: cannot load its model "
+                              f"({first_line(err)})") from err
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
         if max_length is None:

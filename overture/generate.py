@@ -7,7 +7,7 @@ import sys
 
 from .config import check_seed
 from .errors import ConfigError, first_line
-from .hub import load_pretrained, quiet_transformers, resolve_checkpoint
+from .hub import load_pretrained, load_tokenizer, quiet_transformers, resolve_checkpoint
 
 
 def generate(checkpoint: str, prompt: str, max_new_tokens: int = 40,
@@ -18,7 +18,7 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 40,
     import math
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens={max_new_tokens} must be at least 1")
@@ -41,11 +41,10 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int = 40,
         # Auto would wrap a masked LM's encoder in an untrained LM head: refuse it
         if architecture not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
             raise ValueError(f"its architecture is {architecture}")
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"--checkpoint {checkpoint}: not a causal-LM checkpoint "
                           f"({first_line(err)})") from err
+    tokenizer = load_tokenizer(path, "--checkpoint")
     # every check before the weights load, so that an error is one line
     room = getattr(config, "n_positions", None) or config.max_position_embeddings
     if max_new_tokens >= room:

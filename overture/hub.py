@@ -121,3 +121,31 @@ def loading_summary(info: dict) -> str:
             groups = sorted({n.split(".", 1)[0] + (".*" if "." in n else "") for n in names})
             parts.append(f"{', '.join(groups)} {word} ({len(names)} tensors)")
     return "; ".join(parts)
+
+
+# What a transformers tokenizer is saved as; a local folder with none of them would load
+# as an empty tokenizer of its config's class (BERT: 5 tokens, every word [UNK]).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
+
+
+def load_tokenizer(path: str, option: str = "--checkpoint"):
+    """``AutoTokenizer.from_pretrained(path)``, quietly; a local folder without tokenizer
+    files, and any loading error, is one ConfigError naming ``option``."""
+    from transformers import AutoTokenizer
+
+    folder = Path(str(path)).expanduser()
+    # an option as typed (--checkpoint DIR), a recipe key as set (objective.checkpoint='DIR')
+    where = f"{option} {path}" if option.startswith("-") else f"{option}={str(path)!r}"
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{where}: no tokenizer files there "
+                          f"({', '.join(TOKENIZER_FILES[:3])}, ...); save the tokenizer "
+                          "beside the model (tokenizer.save_pretrained(folder))")
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        from .errors import first_line
+
+        raise ConfigError(f"{where}: cannot load its tokenizer "
+                          f"({first_line(err)})") from None

@@ -275,3 +275,23 @@ def test_features_refuses_an_output_that_is_a_folder_before_any_work(trained, tm
         overture.features.write_features(folder, ["1"], np.zeros((1, 4), np.float32),
                                          overwrite=True)
     assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+
+
+def test_a_checkpoint_without_tokenizer_files_is_refused_not_read_as_unknown_words(
+        trained, tmp_path, capsys):
+    """transformers would load such a folder as an empty tokenizer of its config's class
+    (BERT: 5 tokens), and every word would become [UNK]."""
+    import shutil
+
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(trained("bert") / "final" / name, folder / name)
+    (tmp_path / "t.txt").write_text("hello world\n")
+    assert main(["features", "--checkpoint", str(folder), "--input", str(tmp_path / "t.txt"),
+                 "--output", str(tmp_path / "o.npy")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --checkpoint {folder}: no tokenizer files there (tokenizer.json, "
+        "tokenizer_config.json, vocab.txt, ...); save the tokenizer beside the model "
+        "(tokenizer.save_pretrained(folder))"]
+    assert not (tmp_path / "o.npy").exists()

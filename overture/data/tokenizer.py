@@ -50,11 +50,12 @@ def load_or_train_tokenizer(cfg: TokenizerConfig, data: DataConfig, sources: lis
     from transformers import AutoTokenizer
 
     if cfg.name_or_path:
-        try:
-            tok = AutoTokenizer.from_pretrained(cfg.name_or_path)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"tokenizer.name_or_path={cfg.name_or_path!r} could not be "
-                              f"loaded: {err}") from err
+        from ..hub import load_tokenizer, looks_like_path
+
+        local = Path(cfg.name_or_path).expanduser()
+        if not local.exists() and looks_like_path(cfg.name_or_path):  # not a Hub name
+            raise ConfigError(f"tokenizer.name_or_path={cfg.name_or_path!r}: no such folder")
+        tok = load_tokenizer(cfg.name_or_path, "tokenizer.name_or_path")
         missing = [role for role in spec.required if getattr(tok, role, None) is None]
         if missing or not tok.is_fast:
             raise ConfigError(f"tokenizer.name_or_path={cfg.name_or_path!r} must be a fast "

@@ -45,10 +45,10 @@ def convert_to_long(checkpoint: str, output: str | Path, max_length: int = 4096,
     """Write a LongformerForMaskedLM folder (and the source's tokenizer, its
     model_max_length set to ``max_length``) made from ``checkpoint`` into ``output``.
     Refuses an existing ``output``; bad input raises ConfigError with one clear line."""
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForMaskedLM
     from transformers.utils import logging as hf_logging
 
-    from ...hub import quiet_transformers, resolve_checkpoint
+    from ...hub import load_tokenizer, quiet_transformers, resolve_checkpoint
 
     output = Path(output).expanduser()
     if output.exists():
@@ -84,10 +84,8 @@ def convert_to_long(checkpoint: str, output: str | Path, max_length: int = 4096,
     hf_logging.set_verbosity_error()
     try:
         source, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
-        raise ConfigError(f"{where}: cannot load its model or tokenizer "
-                          f"({first_line(err)})") from None
+        raise ConfigError(f"{where}: cannot load its model ({first_line(err)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -95,6 +93,7 @@ def convert_to_long(checkpoint: str, output: str | Path, max_length: int = 4096,
     if info["missing_keys"]:
         raise ConfigError(f"{where}: its weights lack {len(info['missing_keys'])} tensors "
                           f"(e.g. {sorted(info['missing_keys'])[0]}): a masked-LM head is needed")
+    tokenizer = load_tokenizer(path, "--checkpoint")  # its own one-line errors
 
     model = long_model(source, tokenizer, max_length, window)
     tokenizer.model_max_length = max_length
