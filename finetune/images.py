@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from overture.atomic import write_text_atomic
-from overture.config import ConfigError, Recipe, load_recipe
+from overture.config import ConfigError, Recipe, load_recipe, parse_overrides
 
 BASE_RECIPE = "image-finetune"
 
@@ -56,6 +56,8 @@ def image_finetune_recipe(checkpoint: str, images: str, eval_images: str | None 
             base.append(f"model.init_from={json.dumps(str(path))}")
     else:
         raise ConfigError(f"--checkpoint {checkpoint}: no such folder or weights file")
+    # --images / --seed / --checkpoint and a KEY=VALUE for the same key: refused
+    parse_overrides([*base, *(overrides or [])], unique=True)
     return load_recipe(BASE_RECIPE, [*base, *(overrides or [])], defaults=defaults)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from overture.atomic import write_text_atomic
-from overture.config import ConfigError, Recipe, load_recipe
+from overture.config import ConfigError, Recipe, load_recipe, parse_overrides
 from overture.data.prepare import IndexedDataset
 from overture.finetune.classify import (ClassifierModule, refuse_image_checkpoint,
                                          score_splits)
@@ -38,6 +38,8 @@ def finetune_recipe(checkpoint: str, task: str, data_dir: str | None = None,
     options = [f"objective.checkpoint={checkpoint}", f"objective.task={task}",
                *([f"objective.data_dir={data_dir}"] if data_dir else []),
                *([f"train.seed={seed}"] if seed is not None else [])]
+    # --checkpoint / --seed and a KEY=VALUE for the same key: refused, not one ignored
+    parse_overrides([*options, *(overrides or [])], unique=True)
     return load_recipe(BASE_RECIPE, [*options, *(overrides or [])], defaults=defaults)
 
 

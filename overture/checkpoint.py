@@ -112,6 +112,11 @@ def changed_settings(recipe: Recipe, checkpoint: Path) -> dict[str, tuple]:
     saved, now = flatten(saved_tree), flatten(recipe.to_dict())
     changes = {key: (saved[key], now[key]) for key in sorted(saved)
                if key in now and saved[key] != now[key]}
+    # an update's own settings (train.updates.NAME.KEY) exist only where given: one added
+    # or removed since the checkpoint is a change too (null = train's value)
+    for key in sorted(set(saved) ^ set(now)):
+        if key.startswith("train.updates.") and (saved.get(key), now.get(key)) != (None, None):
+            changes[key] = (saved.get(key), now.get(key))
     before, after = len(saved_tree.get("phases") or []), len(recipe.phases)
     if before != after:
         changes["phases"] = (f"{before} phases", f"{after} phases")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import re
 import os
 import types
@@ -26,10 +25,6 @@ from .errors import ConfigError  # noqa: F401 - re-exported: overture.config.Con
 
 TOKENIZER_KINDS = ("wordpiece", "bpe", "unigram")
 DEFAULT_CACHE = "~/.cache/overture"
-TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
-                    "comet_ml": ("comet_ml",), "mlflow": ("mlflow",), "aim": ("aim",),
-                    "clearml": ("clearml",), "dvclive": ("dvclive",)}
-"""Accelerate's trackers by train.report_to name, and the packages that provide them."""
 
 
 def cache_folder(cache_dir: str) -> Path:
@@ -291,13 +286,19 @@ class TrainConfig:
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise ConfigError(f"train.resume={self.resume!r}: not 'auto', 'never' or an "
                               "existing checkpoint folder")
-        for tracker in self.report_to:
-            choice_value("train.report_to", tracker, tuple(TRACKER_PACKAGES))
-            # Accelerate only warns and logs nowhere when the package is missing
-            if not any(importlib.util.find_spec(p) for p in TRACKER_PACKAGES[tracker]):
-                raise ConfigError(f"train.report_to: {tracker} is not installed (pip install "
-                                  f"{TRACKER_PACKAGES[tracker][0]}); metrics.jsonl is written "
-                                  "without any tracker")
+        if self.report_to:  # Accelerate's own list of trackers, and which are installed
+            from accelerate.tracking import get_available_trackers
+            from accelerate.utils import LoggerType
+
+            known = tuple(t.value for t in LoggerType if t.value != "all")
+            installed = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+            for tracker in self.report_to:
+                choice_value("train.report_to", tracker, known)
+                # Accelerate only warns, and logs nowhere, when the package is missing
+                if tracker not in installed:
+                    raise ConfigError(f"train.report_to: {tracker} is not installed (pip "
+                                      f"install {tracker}); metrics.jsonl is written without "
+                                      "any tracker")
 
 
 @dataclass
@@ -486,6 +487,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # a list or mapping as a key: PyYAML's own one-line error
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a name, not {type(key).__name__}",
+                    key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is given twice in this mapping", key_node.start_mark)
@@ -640,9 +647,10 @@ def positive(obj: Any, section: str, *names: str) -> None:
 
 
 def check_seed(key: str, value: int) -> None:
-    """A seed torch, numpy and scikit-learn all take: 0 .. 2**32 - 1."""
-    if not 0 <= value < 2**32:
-        raise ConfigError(f"{key}={value} must be between 0 and {2**32 - 1} (a seed)")
+    """A seed torch, numpy and scikit-learn all take, with room for the process index
+    that Accelerate's per-process seeding adds: 0 .. 2**31 - 1."""
+    if not 0 <= value < 2**31:
+        raise ConfigError(f"{key}={value} must be between 0 and {2**31 - 1} (a seed)")
 
 
 def fraction(obj: Any, section: str, *names: str) -> None:

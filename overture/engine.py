@@ -63,9 +63,13 @@ class Trainer:
         return {u.name: self.schedulers[u.name].get_last_lr()[0] for u in self.updates}
 
     def settings(self, cfg: TrainConfig) -> dict[str, TrainConfig]:
-        """Each update's optimizer settings: train's, the family's ``Update.options``,
-        then the recipe's ``train.updates.NAME``."""
-        return {u.name: cfg.for_update(u.name, u.options) for u in self.updates}
+        return update_settings(cfg, self.updates)
+
+
+def update_settings(cfg: TrainConfig, updates: list[Update]) -> dict[str, TrainConfig]:
+    """Each update's optimizer settings: train's, the family's ``Update.options``, then
+    the recipe's ``train.updates.NAME``."""
+    return {u.name: cfg.for_update(u.name, u.options) for u in updates}
 
 
 def setup_trainer(recipe: Recipe, objective: Objective, accelerator) -> Trainer:
@@ -77,12 +81,8 @@ def setup_trainer(recipe: Recipe, objective: Objective, accelerator) -> Trainer:
     set_seed(cfg.seed, device_specific=True)  # but different dropout masks per rank
     for module in objective.frozen_models().values():  # never wrapped, never stepped
         module.requires_grad_(False).eval().to(accelerator.device)
-    updates = objective.updates()
-    unknown = sorted(set(cfg.updates) - {u.name for u in updates})
-    if unknown:
-        raise ConfigError(f"train.updates.{unknown[0]}: objective {recipe.objective.name!r} "
-                          f"has the updates {', '.join(u.name for u in updates)}")
-    settings = {u.name: cfg.for_update(u.name, u.options) for u in updates}
+    updates = objective.updates()  # train.updates' names were checked by build_objective
+    settings = update_settings(cfg, updates)
     optimizers = {u.name: build_optimizer([models[m] for m in u.models], settings[u.name],
                                           accelerator.device) for u in updates}
     # an update that runs every k-th step takes ceil(total / k) scheduler steps
@@ -177,7 +177,10 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
         _apply_lr(trainer, cfg)  # a changed train.lr (or an update's) takes effect
         log.info("resumed from %s at step %d", resume_from, state.step)
     # an existing log is cut back to its complete records up to the step resumed from
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl", state.step) if is_main else None
+    # (a fresh start keeps none: a run that died before its first checkpoint starts over)
+    metrics_log = (MetricsLog(run_dir / "metrics.jsonl",
+                              state.step if resume_from is not None else -1)
+                   if is_main else None)
     if cfg.report_to:
         # trackers take scalars only
         accelerator.init_trackers(recipe.name, config={
@@ -192,6 +195,7 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
     bar = _progress_bar(total_steps, state.step, progress and is_main)
     logs_above_bar = _logs_above(bar)
     saved_step = state.step if resume_from is not None else -1
+    evaluated_step = -1  # the finish does not evaluate a step the loop just evaluated
     out_of_time = stop_early = False
     stop = StopSignals()
     try:
@@ -239,7 +243,7 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
                     log_record(record, metrics_log, accelerator, state.step)
                 eval_due = cfg.eval_every and state.step % cfg.eval_every == 0
                 if eval_due and state.step < total_steps and evaluator.enabled:
-                    metrics = evaluator.run(state.step)
+                    metrics, evaluated_step = evaluator.run(state.step), state.step
                     stop_early = _track_best(metrics, state, cfg, accelerator, recipe, trainer)
                 out_of_time = out_of_time or stop_early
                 # the last step is saved below, once the run is marked finished
@@ -268,7 +272,7 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
 
     # ------------------------------------------------------------------ finish
     units.settle()
-    if evaluator.enabled:  # a forked RNG: the checkpoint below is unaffected
+    if evaluator.enabled and evaluated_step != state.step:  # forked RNG: no effect below
         metrics = evaluator.run(state.step)
         _track_best(metrics, state, cfg, accelerator, recipe, trainer)
     # a run stopped by max_time is not finished: the same command continues it

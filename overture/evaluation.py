@@ -99,6 +99,8 @@ def _log_images(accelerator, images: dict[str, Path], step: int) -> None:
         if tracker.name == "tensorboard":  # a batch of one image, height x width x channels
             tracker.log_images({k: v[None] for k, v in arrays.items()}, step=step,
                                dataformats="NHWC")
+        elif tracker.name in ("aim", "clearml"):  # these take one image per name
+            tracker.log_images(arrays, step=step)
         else:
             tracker.log_images({k: [v] for k, v in arrays.items()}, step=step)
 

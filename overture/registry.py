@@ -47,8 +47,17 @@ def family_name(family: type) -> str:
 
 
 def build_objective(recipe):
-    """The objective object for ``recipe.objective.name``."""
-    return get_family(recipe.objective.name)(recipe)
+    """The objective object for ``recipe.objective.name``; ``train.updates`` may only
+    name its updates (checked here, before any data is prepared)."""
+    objective = get_family(recipe.objective.name)(recipe)
+    names = [u.name for u in objective.updates()]
+    for name in recipe.train.updates:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            raise ConfigError(f"train.updates.{name}: objective {recipe.objective.name!r} has "
+                              f"the updates {', '.join(names)}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return objective
 
 
 # --------------------------------------------------------------------------- checkpoints

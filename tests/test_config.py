@@ -110,8 +110,8 @@ def test_an_explicit_max_steps_wins_over_the_recipes_epochs_and_both_are_refused
      "command-line override 'train.max_steps=10' is not used when phases are given"),
     (["train.max_time=nan"], "train.max_time=nan must be a positive finite number"),
     (["train.max_time=.inf"], "train.max_time=inf must be a positive finite number"),
-    (["train.seed=-1"], "train.seed=-1 must be between 0 and 4294967295"),
-    (["data.seed=99999999999"], "data.seed=99999999999 must be between 0 and 4294967295"),
+    (["train.seed=-1"], "train.seed=-1 must be between 0 and 2147483647"),
+    (["data.seed=99999999999"], "data.seed=99999999999 must be between 0 and 2147483647"),
 ])
 def test_settings_that_would_be_ignored_or_crash_later_are_refused_now(overrides, message):
     with pytest.raises(ConfigError) as err:
@@ -129,11 +129,11 @@ def test_a_key_given_twice_in_a_recipe_file_is_refused_with_its_line(tmp_path):
 
 
 def test_a_tracker_that_is_not_installed_is_refused(monkeypatch):
-    import importlib.util
+    import accelerate.tracking
+    from accelerate.utils import LoggerType
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers",
+                        lambda: [LoggerType.TENSORBOARD])  # wandb absent
     with pytest.raises(ConfigError, match=r"train\.report_to: wandb is not installed "
                                           r"\(pip install wandb\)"):
         load_recipe("bert-tiny", ["train.report_to=[wandb]"])
@@ -168,3 +168,12 @@ def test_the_same_key_twice_on_the_command_line_is_refused(capsys):
         "same key; give it once"]
     # composed in code (a command's own settings, then the user's), the later one wins
     assert load_recipe("bert-tiny", ["train.max_steps=5", "train.max_steps=7"]).train.max_steps == 7
+
+
+def test_a_list_as_a_yaml_key_is_one_line(tmp_path):
+    path = tmp_path / "odd.yaml"
+    path.write_text("train:\n  ? [a, b]\n  : 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    assert str(err.value).startswith(f"{path}: not valid YAML: line 2, column 5: a key must "
+                                     "be a name, not list")

@@ -448,3 +448,17 @@ def test_building_the_classifier_logs_one_line_instead_of_the_load_report(
     lines = [r.getMessage() for r in caplog.records if r.name == "overture.hub"]
     assert len(lines) == 1 and lines[0].endswith(
         "cls.* unused (7 tensors); classifier.* new (2 tensors)"), lines
+
+
+def test_an_option_and_an_override_of_the_same_key_are_refused(inputs, tmp_path, capsys):
+    """--checkpoint A objective.checkpoint=B would check A and train B; --seed 1
+    train.seed=2 would run one seed twice: both refused in one line, nothing written."""
+    checkpoint, glue = inputs
+    for option, override in ((["--checkpoint", str(checkpoint)], "objective.checkpoint=other"),
+                             (["--checkpoint", str(checkpoint), "--seed", "1"], "train.seed=2")):
+        assert main(["finetune", *option, "--task", "sst2", "--data-dir", str(glue),
+                     f"output_dir={tmp_path / 'run'}", override]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "set the same key; give it once" in err[0], err
+        assert override in err[0]
+    assert not (tmp_path / "run").exists()

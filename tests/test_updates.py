@@ -149,3 +149,26 @@ def test_an_update_that_runs_every_zero_steps_is_refused():
 
     with pytest.raises(ValueError, match="every=0 must be a positive integer"):
         Update("gen", ("gen",), ("b",), every=0)
+
+
+def test_a_resume_that_adds_settings_for_an_update_is_refused_except_its_lr(tmp_path):
+    """train.updates.NAME exists only where given: an entry added since the checkpoint is
+    compared with null, so new betas are refused like train.adam_beta1 would be."""
+    run = tmp_path / "run"
+    train(toy_recipe(run, max_steps=3, save_every=3), progress=False)
+    with pytest.raises(ConfigError, match=r"train\.updates\.gen\.adam_beta1: None -> 0\.5"):
+        train(toy_recipe(run, updates={"gen": {"adam_beta1": 0.5}}), progress=False)
+    train(toy_recipe(run, log_every=1, updates={"gen": {"lr": 2e-3}}), progress=False)
+    assert records(run)[4]["lr_gen"] == pytest.approx(2e-3)
+
+
+def test_a_fresh_start_over_a_stale_log_keeps_no_record_of_the_dead_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"split": "eval", "step": 0, "a_loss": 9.0}\n'
+                                       '{"split": "train", "step": 3, "a_loss": 9.0}\n')
+    train(toy_recipe(run, eval_every=3), progress=False)  # no checkpoint: starts over
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [(r["split"], r["step"]) for r in map(__import__("json").loads, lines)] == [
+        ("eval", 0), ("train", 3), ("eval", 3), ("train", 6), ("eval", 6)]
+    assert records(run, "eval")[0]["a_loss"] != 9.0
