@@ -277,8 +277,10 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
         _track_best(metrics, state, cfg, accelerator, recipe, trainer)
     # a run stopped by max_time is not finished: the same command continues it
     state.finished = not (out_of_time and not stop_early and state.step < total_steps)
-    # saved again when the last evaluation changed the best-model record
-    if saved_step != state.step or (cfg.best_metric and evaluator.enabled):
+    # saved again when the last evaluation changed the best-model record, and always for
+    # a finished run: a run signalled during its last step saved that step unfinished, and
+    # its relaunch must mark it so that a third launch changes nothing
+    if saved_step != state.step or state.finished or (cfg.best_metric and evaluator.enabled):
         save_checkpoint(accelerator, recipe, state.step, asdict(state))
     if cfg.best_metric and state.best_step >= 0:
         final = publish_best_as_final(accelerator, recipe)

@@ -213,7 +213,8 @@ def read_texts(path: Path, column: str | None, id_column: str | None
                 ids.append(str(number))
                 texts.append(line)
         if empty and texts:
-            print(f"--input {path}: skipped {empty} empty lines (ids are line numbers)",
+            lines = "line" if empty == 1 else "lines"
+            print(f"--input {path}: skipped {empty} empty {lines} (ids are line numbers)",
                   file=sys.stderr)
     else:
         column = column or "text"

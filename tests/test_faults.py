@@ -466,3 +466,23 @@ def test_a_third_signal_quits_at_once(monkeypatch):
         assert exits == [128 + signal.SIGINT]
     finally:
         stop.restore()
+
+
+def test_a_signal_at_the_last_step_is_finished_by_one_relaunch(tmp_path, cache_dir, real_text,
+                                                                monkeypatch, caplog):
+    """SIGTERM during the very last step saves it unfinished; the relaunch trains nothing,
+    exports final/ and marks the run finished, so a third launch changes nothing."""
+    run = tmp_path / "run"
+    recipe = tiny("bert", run, cache_dir, real_text, *BASE, "train.save_every=0")
+    with monkeypatch.context() as patch:
+        _signal_at(patch, STEPS)
+        with pytest.raises(Interrupted):
+            train(recipe, progress=False)
+    assert not (run / "final").exists()
+    train(recipe, progress=False)
+    assert json.loads((latest_checkpoint(run) / "train_state.json").read_text())["finished"]
+    exported = (run / "final" / "model.safetensors").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="overture.engine"):
+        train(recipe, progress=False)
+    assert "already holds this finished run" in caplog.text
+    assert (run / "final" / "model.safetensors").stat().st_mtime_ns == exported
