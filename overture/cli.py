@@ -110,15 +110,21 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="list the bundled recipes: name, family, size, purpose")
     p.set_defaults(func=_recipes)
 
-    p = sub.add_parser("generate", help="sample text from a causal-LM checkpoint (GPT)")
+    p = sub.add_parser("generate", help="sample text from a causal-LM checkpoint (GPT), or "
+                                        "images from a text-to-image one (gan-int-cls, dfgan)")
     p.add_argument("--checkpoint", required=True,
                    help="a final/ folder (or a run folder holding one), or a Hub model name")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="0 decodes greedily")
-    p.add_argument("--top-k", type=int, default=50, help="0 disables top-k filtering")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    # text options default to None so that one given to an image checkpoint is refused
+    p.add_argument("--max-new-tokens", type=int, default=None, help="text; default 40")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="text; 0 decodes greedily; default 1.0")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="text; 0 disables top-k filtering; default 50")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="text; nucleus sampling mass; default 1.0")
+    p.add_argument("--n", type=int, default=None, help="images: how many (default 16)")
+    p.add_argument("--output", default=None, help="images: the .png grid to write")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_generate)
 
@@ -297,8 +303,11 @@ def _recipes(args) -> int:
         if getattr(recipe.objective, "checkpoint", None) is not None:
             size = "ckpt"  # fine-tuning: the size of whatever checkpoint is given
         else:
-            params = count_parameters(build_objective(recipe), recipe.tokenizer.vocab_size)
-            size = f"{params / 1e6:.1f}M"
+            try:
+                params = count_parameters(build_objective(recipe), recipe.tokenizer.vocab_size)
+                size = f"{params / 1e6:.1f}M"
+            except ConfigError:  # sized by a run it names that is not here (a text encoder)
+                size = "?"
         print(f"{name:<24} {recipe.objective.name:<10} {size:>8}  {recipe.description}")
     return 0
 
@@ -309,12 +318,28 @@ def _generate(args) -> int:
     family = _checkpoint_family(args.checkpoint)
     if family is not None and not hasattr(family, "sample"):
         raise ConfigError(f"--checkpoint {args.checkpoint} is {_a(family_name(family))} "
-                          "checkpoint, not a causal-LM checkpoint: generate takes a GPT-style "
-                          "one (a gpt family final/ or a transformers causal LM)")
+                          "checkpoint, which generates nothing: generate takes a GPT-style "
+                          "one (a gpt family final/ or a transformers causal LM) or a "
+                          "text-to-image one (gan-int-cls, dfgan)")
+    text = {"--max-new-tokens": args.max_new_tokens, "--temperature": args.temperature,
+            "--top-k": args.top_k, "--top-p": args.top_p}
+    images = {"--n": args.n, "--output": args.output}
+    if getattr(family, "makes_images", False):
+        given = [k for k, v in text.items() if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: text sampling options; "
+                              f"--checkpoint {args.checkpoint} makes images (use --n, --output)")
+        print(family.sample(args.checkpoint, args.prompt, n=16 if args.n is None else args.n,
+                            seed=args.seed, output=args.output))
+        return 0
+    given = [k for k, v in images.items() if v is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: image options; --checkpoint "
+                          f"{args.checkpoint} makes text")
     sample = family.sample if family is not None else generate  # another causal LM
-    print(sample(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 seed=args.seed))
+    defaults = {"max_new_tokens": 40, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+    options = {k: v if (v := getattr(args, k)) is not None else d for k, d in defaults.items()}
+    print(sample(args.checkpoint, args.prompt, seed=args.seed, **options))
     return 0
 
 
@@ -397,6 +422,10 @@ def _features(args) -> int:
         raise ConfigError(f"--output {output}: use one of {', '.join(OUTPUT_FORMATS)}")
     check_output(output, args.overwrite)  # a folder, or a file without --overwrite
     family = _checkpoint_family(args.checkpoint)
+    if getattr(family, "makes_images", False):
+        raise ConfigError(f"--checkpoint {args.checkpoint} is {_a(family_name(family))} "
+                          "checkpoint, which makes images: features takes an encoder (a text "
+                          "or image final/)")
     if family is not None and family.unit == "images":
         if args.layer != "-1" or args.pooling != "mean" or args.max_length is not None:
             raise ConfigError("--layer, --pooling and --max-length are for text checkpoints; "

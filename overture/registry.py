@@ -21,6 +21,8 @@ FAMILIES = {
     "classify": "overture.finetune.classify:Classify",
     "image": "overture.pretrain.image.supervised:ClassifyImages",
     "simclr": "overture.pretrain.image.simclr:SimCLR",
+    "gan-int-cls": "overture.pretrain.gan.family:GanIntCls",
+    "dfgan": "overture.pretrain.gan.family:DFGan",
 }
 
 

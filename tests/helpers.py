@@ -26,8 +26,10 @@ def records(run_dir: Path, split: str = "train") -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, lines) if r["split"] == split}
 
 
-IMAGE_TINY = {"image": "resnet-tiny-digits", "simclr": "simclr-tiny-digits"}
+IMAGE_TINY = {"image": "resnet-tiny-digits", "simclr": "simclr-tiny-digits",
+              "gan-int-cls": "gan-int-cls-digits", "dfgan": "dfgan-digits"}
 """The CPU-sized recipe of each image family (text families: ``<family>-tiny``)."""
+GAN_FAMILIES = ("gan-int-cls", "dfgan")
 TEXT_ONLY = ("data.max_seq_len=", "data.corpus=", "tokenizer.")
 
 
@@ -49,6 +51,16 @@ def tiny(family: str, run_dir, cache_dir, corpus, *overrides: str):
     made from ``corpus`` (see ``classify_inputs``). Image families train on 64 of the
     bundled digits at 16x16 (the text-only overrides are dropped)."""
     # the helper's settings are defaults: a test's overrides replace them
+    if family in GAN_FAMILIES:  # the tiny BERT of the fine-tuning tests as text encoder
+        encoder, _ = classify_inputs(cache_dir, corpus)
+        return load_recipe(IMAGE_TINY[family], [
+            o for o in overrides if not o.startswith(TEXT_ONLY)], defaults=[
+            f"data.cache_dir={cache_dir}", f"output_dir={run_dir}", "data.num_proc=1",
+            "data.image_size=16", "data.max_train_examples=64", "train.batch_size=8",
+            f"objective.text_encoder={encoder}", "objective.judge=null", "train.max_time=null",
+            "model.noise_dim=8", "model.condition_dim=8", "model.generator_width=4",
+            "model.discriminator_width=4", "objective.ema_decay=0.9",
+            "objective.grid_columns=2", "train.eval_examples=null"])
     if family in IMAGE_TINY:
         return load_recipe(IMAGE_TINY[family], [
             o for o in overrides if not o.startswith(TEXT_ONLY)], defaults=[

@@ -17,10 +17,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from helpers import (EVAL_SETTINGS, IMAGE_TINY, classify_inputs, eval_metrics, prepare,
+from helpers import (EVAL_SETTINGS, GAN_FAMILIES, IMAGE_TINY, classify_inputs, eval_metrics, prepare,
                      records, sgd_step, tiny, tiny_name)
 from overture.atomic import COMPLETE
 from overture.checkpoint import latest_checkpoint
@@ -261,6 +262,8 @@ def _image_final_reloads(objective, recipe, run, tmp_path):
     from safetensors.torch import load_file
 
     final = run / "final"
+    if recipe.objective.name in GAN_FAMILIES:
+        return _gan_final_reloads(objective, recipe, run, tmp_path)
     torch.manual_seed(0)
     size = recipe.data.image_size
     images = torch.randn(3, 3, size, size)
@@ -304,6 +307,39 @@ def _image_final_reloads(objective, recipe, run, tmp_path):
         assert expected.shape == (3, 10)
 
 
+def _gan_final_reloads(objective, recipe, run, tmp_path):
+    """A text-to-image final/ holds the generator's EMA of the last checkpoint, and
+    ``overture generate`` on it (its own copy of the text encoder) draws exactly the
+    images that EMA draws from the recipe's text encoder."""
+    from safetensors.torch import load_file
+
+    from overture.cli import main
+    from overture.pretrain.gan.family import (GENERATOR_FILE, _sample, _write_grid,
+                                              build_generator)
+    from overture.pretrain.gan.text import load_encoder
+
+    final = run / "final"
+    ema = torch.load(latest_checkpoint(run) / "custom_checkpoint_0.pkl", weights_only=True)
+    exported = load_file(str(final / GENERATOR_FILE))
+    assert exported.keys() == {k.removeprefix("module.") for k in ema}
+    for key, value in exported.items():
+        assert torch.equal(value, ema[f"module.{key}"]), key
+    objective.prepare(recipe.resolved_phases()[0], progress=False)
+    generator = build_generator(objective.name, objective.generator_args())
+    generator.load_state_dict({k.removeprefix("module."): v for k, v in ema.items()})
+    obj = recipe.objective
+    prompt = "a small handwritten seven with a thick stroke, upright"
+    h = load_encoder(obj.text_encoder).encode([prompt], pooling=obj.text_pooling)
+    _write_grid(_sample(generator, torch.from_numpy(h), 5, recipe.model.noise_dim, 3),
+                tmp_path / "expected.png", 3, padding=0)
+    assert main(["generate", "--checkpoint", str(run), "--prompt", prompt, "--n", "5",
+                 "--seed", "3", "--output", str(tmp_path / "made.png")]) == 0
+    from PIL import Image
+
+    made = np.asarray(Image.open(tmp_path / "made.png"))
+    assert np.array_equal(made, np.asarray(Image.open(tmp_path / "expected.png")))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dry_run_reports_parameters_and_data_statistics(family, cache_dir, real_text,
                                                         tmp_path, capsys):
@@ -318,6 +354,9 @@ def test_dry_run_reports_parameters_and_data_statistics(family, cache_dir, real_
         data += [f"objective.checkpoint={checkpoint}", f"objective.data_dir={glue}"]
     if family in IMAGE_TINY:
         data = ["data.image_size=16"]
+    if family in GAN_FAMILIES:
+        data += [f"objective.text_encoder={classify_inputs(cache_dir, real_text)[0]}",
+                 "objective.judge=null"]
     assert main(["pretrain", tiny_name(family), "--dry-run", f"data.cache_dir={cache_dir}",
                  "data.num_proc=1", f"output_dir={tmp_path / 'run'}", *data]) == 0
     out = capsys.readouterr().out

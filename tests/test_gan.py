@@ -1,0 +1,283 @@
+"""The text-to-image families (pretrain/gan/): captions, the matching-aware discriminator,
+the frozen encoder, FID, caption consistency, the sample grid, generate, start points and
+bad input. The contract tests (test_contract.py) run over both families as well."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import GAN_FAMILIES, prepare, records, tiny
+from overture.cli import main
+from overture.config import load_recipe
+from overture.engine import train
+from overture.errors import ConfigError
+from overture.pretrain.gan import captions as gan_captions
+from overture.pretrain.gan.metrics import fid
+
+
+@pytest.fixture(scope="module")
+def digits(cache_dir, real_text):
+    """The prepared gan-int-cls objective on 64 digits (16 px), with its captions."""
+    return prepare(tiny("gan-int-cls", "unused", cache_dir, real_text)).objective
+
+
+def test_digit_captions_name_the_label_and_measured_attributes_in_held_out_phrasings(digits):
+    caps = digits.captions
+    train_texts = {caps.texts[i] for image in caps.train for i in image}
+    eval_texts = {caps.texts[i] for image in caps.eval for i in image}
+    assert not train_texts & eval_texts  # evaluation prompts are never trained on
+    assert all(len(image) == len(gan_captions.TRAIN_PHRASINGS) for image in caps.train)
+    label = digits.labels["eval"][0]
+    thickness, slant, size = caps.eval_attributes[0]
+    for i in caps.eval[0]:
+        text = caps.texts[i]
+        assert (gan_captions.WORDS[label] in text.split() or str(label) in text.split())
+        assert gan_captions.THICKNESS[thickness] in text and gan_captions.SLANT[slant] in text
+        assert gan_captions.SIZE[size] in text
+    # tertiles / median of the training images: each class holds its share
+    for column, classes in enumerate((3, 3, 2)):
+        shares = np.bincount(caps.train_attributes[:, column], minlength=classes) / len(caps.train)
+        assert np.all(np.abs(shares - 1 / classes) < 0.1), shares
+
+
+def test_measured_attributes_follow_the_ink():
+    """A thicker stroke measures thicker, a top shifted right measures more right-leaning,
+    a bigger digit measures larger."""
+    image = -torch.ones(1, 3, 32, 32)
+    image[..., 8:24, 15:17] = 1  # an upright bar
+    thick = image.clone()
+    thick[..., 8:24, 13:19] = 1
+    leaning = -torch.ones(1, 3, 32, 32)
+    for row in range(8, 24):  # the top to the right: x falls as y grows
+        col = 20 - (row - 8) // 2
+        leaning[..., row, col:col + 2] = 1
+    small = -torch.ones(1, 3, 32, 32)
+    small[..., 12:20, 15:17] = 1
+    base, fat, lean, short = (gan_captions.measure(x) for x in (image, thick, leaning, small))
+    assert fat["thickness"] > base["thickness"]
+    assert lean["slant"] > 0.3 and abs(base["slant"]) < 1e-6
+    assert short["size"] < base["size"]
+
+
+def test_a_captions_file_with_a_bom_quotes_and_empty_lines_is_read_whole(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "birds"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / name / "1.png")
+    lines = ['{"image": "a/1.png", "captions": ["a \\"red\\" bird\\twith a tab", "small"]}',
+             "", '{"image": "b/1.png", "caption": "a blue bird"}',
+             '{"image": "a/1.png", "text": "third, on its own line"}', ""]
+    path = root / "captions.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode())
+    table = gan_captions.read_captions_file(path)
+    assert table == {"a/1.png": ['a "red" bird\twith a tab', "small", "third, on its own line"],
+                     "b/1.png": ["a blue bird"]}
+    # a torn last line names the file and line
+    path.write_text(lines[0] + "\n" + '{"image": "b/1.png", "capt', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"captions.jsonl:2: not a JSON object"):
+        gan_captions.read_captions_file(path)
+
+
+def _recipe(family, cache_dir, real_text, tmp_path, *extra):
+    return tiny(family, tmp_path / "run", cache_dir, real_text, *extra)
+
+
+def test_the_matching_aware_discriminator_sees_three_pairings_per_batch(digits):
+    """Real image with its caption, the same real image with another class's caption,
+    and the generated image with the right caption: each batch, each example."""
+    phase = digits.recipe.resolved_phases()[0]
+    from overture.data.prepare import IndexedDataset
+
+    batch = digits.collator(phase)(IndexedDataset(digits._prepared.train).__getitems__(
+        list(range(8))))
+    models = digits.build_models()
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images, texts):
+            seen.append((images, texts))
+            return self.inner(images, texts)
+
+    models["discriminator"] = Recording(models["discriminator"])
+    update = digits.updates()[0]
+    assert update.name == "discriminator"
+    out = digits.forward(models, batch, update)
+    assert out["d_loss_sum"].requires_grad
+    (real, (right, wrong)), (fake, (fake_text,)) = seen
+    assert torch.equal(real, batch["images"]) and torch.equal(right, batch["text"])
+    assert torch.equal(wrong, batch["wrong"]) and torch.equal(fake_text, batch["text"])
+    assert not fake.requires_grad and fake.shape == real.shape  # G is not stepped by D's loss
+    # the wrong caption is another class's: its digit differs from the image's label
+    table = {tuple(np.round(row, 5)): i for i, row in enumerate(digits.table)}
+    labels = batch["labels"].tolist()
+    for k in range(8):
+        text = digits.captions.texts[table[tuple(np.round(batch["wrong"][k].numpy(), 5))]]
+        assert gan_captions.WORDS[labels[k]] not in text.split() and str(labels[k]) not in text.split()
+
+
+def test_the_frozen_text_encoder_is_never_trained_and_final_holds_it_unchanged(trained):
+    from safetensors.torch import load_file
+
+    run = trained("gan-int-cls")
+    recipe = load_recipe(run / "final" / "recipe.yaml")
+    source = Path(recipe.objective.text_encoder)
+    original = load_file(str(source / "model.safetensors"))
+    exported = load_file(str(run / "final" / "text_encoder" / "model.safetensors"))
+    shared = [k for k in exported if k in original or f"bert.{k}" in original]
+    assert len(shared) == len(exported) > 10
+    for key in exported:
+        assert torch.equal(exported[key], original.get(key, original.get(f"bert.{key}"))), key
+    # no checkpoint holds encoder weights: only the two players are trained
+    from overture.checkpoint import latest_checkpoint
+
+    saved = sorted(p.name for p in latest_checkpoint(run).glob("model*.safetensors"))
+    assert saved == ["model.safetensors", "model_1.safetensors"]
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise():
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((500, 16)) @ rng.standard_normal((16, 16))
+    assert abs(fid(features, features)) < 1e-6
+    scores = [fid(features, features + rng.standard_normal(features.shape) * sigma)
+              for sigma in (0.1, 0.5, 1.0, 2.0)]
+    assert scores[0] > 1e-3 and all(a < b for a, b in zip(scores, scores[1:])), scores
+
+
+def test_caption_consistency_counts_the_judges_agreement_with_the_caption():
+    from overture.pretrain.gan.metrics import consistency
+
+    examples = {"caption_label": np.array([0, 1, 2, 3, -1]),
+                "fake_class": np.array([0, 1, 0, 0, 5]),  # 2 of the 4 labelled agree
+                "real_class": np.array([0, 1, 2, 0, 5]),
+                "caption_attributes": np.array([[0, 1, 1]] * 5),
+                "fake_attributes": np.array([[0, 1, 0], [0, 0, 0], [1, 1, 1], [0, 1, 1],
+                                             [0, 1, 1]])}
+    out = consistency(examples, ("thickness", "slant", "size"))
+    assert out == {"caption_consistency": 0.5, "judge_real_top1": 0.75,
+                   "thickness_agreement": 0.8, "slant_agreement": 0.8, "size_agreement": 0.6}
+
+
+@pytest.fixture(scope="module")
+def judged(trained, tmp_path_factory, cache_dir, real_text):
+    """gan-int-cls with the tiny image run as judge: 4 steps, evaluated at step 4."""
+    run = tmp_path_factory.mktemp("judged") / "run"
+    train(tiny("gan-int-cls", run, cache_dir, real_text, f"objective.judge={trained('image')}",
+               "train.max_steps=4", "train.eval_every=4", "train.eval_examples=40",
+               "objective.grid_columns=3"), progress=False)
+    return run
+
+
+def test_evaluation_reports_consistency_attributes_and_fid_with_its_network(judged):
+    evaluation = records(judged, "eval")[4]
+    for key in ("caption_consistency", "judge_real_top1", "fid", "thickness_agreement",
+                "slant_agreement", "size_agreement"):
+        assert 0 <= evaluation[key] < float("inf"), key
+    assert evaluation["caption_consistency"] <= 1
+    config = json.loads((judged / "final" / "config.json").read_text())
+    assert config["fid_network"].startswith("judge ")  # named in every export
+
+
+def test_the_sample_grid_shows_prompts_by_noise_at_each_evaluation(judged):
+    from PIL import Image
+
+    grid = judged / "samples" / "step-000004.png"
+    prompts = grid.with_suffix(".txt").read_text().splitlines()
+    assert len(prompts) == 10  # one held-out caption per digit
+    width, height = Image.open(grid).size
+    assert (width, height) == (3 * 16 + 4 * 2, 10 * 16 + 11 * 2)  # 3 noises, padding 2
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_generate_writes_a_png_of_the_requested_count_and_size(trained, tmp_path, n, capsys):
+    from PIL import Image
+
+    out = tmp_path / "birds.png"
+    assert main(["generate", "--checkpoint", str(trained("dfgan")), "--prompt",
+                 "a thick zero", "--n", str(n), "--output", str(out)]) == 0
+    columns = int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    assert Image.open(out).size == (columns * 16, rows * 16)
+    assert f"{n} images of 16x16" in capsys.readouterr().out
+
+
+def test_start_points_are_recipe_keys(trained, cache_dir, real_text, tmp_path):
+    """model.init_from: both players start from a GAN final/; model.discriminator_backbone:
+    D's image encoder starts from an image final/ (the supervised digits run)."""
+    from safetensors.torch import load_file
+
+    gan = trained("gan-int-cls")
+    objective = prepare(_recipe("gan-int-cls", cache_dir, real_text, tmp_path,
+                                f"model.init_from={gan}")).objective
+    models = objective.build_models()
+    for name, file in (("generator", "generator"), ("discriminator", "discriminator")):
+        saved = load_file(str(gan / "final" / f"{file}.safetensors"))
+        for key, value in models[name].state_dict().items():
+            assert torch.equal(value, saved[key]), (name, key)
+    image = trained("image")
+    objective = prepare(_recipe("dfgan", cache_dir, real_text, tmp_path,
+                                f"model.discriminator_backbone={image}")).objective
+    backbone = objective.build_models()["discriminator"].backbone.state_dict()
+    saved = load_file(str(image / "final" / "model.safetensors"))
+    assert backbone and all(torch.equal(v, saved[k]) for k, v in backbone.items())
+
+
+@pytest.mark.parametrize("family", GAN_FAMILIES)
+def test_the_generator_steps_every_d_steps_and_logs_its_own_loss(family, cache_dir, real_text,
+                                                                  tmp_path):
+    run = tmp_path / "run"
+    train(_recipe(family, cache_dir, real_text, tmp_path, "objective.d_steps=3",
+                  "train.max_steps=6", "train.log_every=1", "train.eval_every=0"),
+          progress=False)
+    logged = records(run)
+    assert all("d_loss" in logged[s] for s in range(1, 7))
+    assert [s for s in range(1, 7) if "g_loss" in logged[s]] == [1, 4]  # steps 0 and 3
+
+
+BAD = [
+    ("images without captions", ["data.source=[{folder}]"], "images without captions"),
+    ("a captions file naming missing images", ["data.source=[{folder}]",
+                                                "data.captions={bad_captions}"],
+     "not an image file"),
+    ("a text encoder that is not one", ["objective.text_encoder={image}"],
+     "objective.text_encoder="),
+    ("an image size the generator cannot make", ["data.image_size=48"],
+     "data.image_size=48: the gan-int-cls generator makes 16, 32, 64, 128"),
+    ("every <= 0", ["objective.d_steps=0"], "objective.d_steps=0 must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("what,overrides,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_and_exit_2_before_any_work(what, overrides, message, trained,
+                                                          cache_dir, real_text, tmp_path, capfd):
+    from PIL import Image
+
+    from helpers import classify_inputs
+
+    folder = tmp_path / "images" / "one"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "1.png")
+    bad_captions = tmp_path / "captions.jsonl"
+    bad_captions.write_text('{"image": "images/one/1.png", "caption": "x"}\n'
+                            '{"image": "images/one/2.png", "caption": "gone"}\n')
+    values = {"folder": tmp_path / "images", "bad_captions": bad_captions,
+              "image": trained("image")}
+    encoder, _ = classify_inputs(cache_dir, real_text)
+    args = ["pretrain", "gan-int-cls-digits", f"data.cache_dir={cache_dir}",
+            f"output_dir={tmp_path / 'run'}", f"objective.text_encoder={encoder}",
+            "objective.judge=null", *[o.format(**values) for o in overrides]]
+    capfd.readouterr()
+    assert main(args) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()
