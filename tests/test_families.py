@@ -338,7 +338,7 @@ def test_generate_bad_input_is_one_clear_line(trained, capsys, monkeypatch, args
 
 def test_generate_refuses_a_masked_lm_checkpoint(trained, capsys):
     assert main(["generate", "--checkpoint", str(trained("bert")), "--prompt", "The"]) == 2
-    assert "not a causal-LM checkpoint" in capsys.readouterr().err
+    assert "which generates nothing" in capsys.readouterr().err
 
 
 def test_generate_refuses_an_image_checkpoint_saying_so(tmp_path, capsys):
@@ -348,9 +348,9 @@ def test_generate_refuses_an_image_checkpoint_saying_so(tmp_path, capsys):
                                                    "num_classes": 10}))
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "The"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"error: --checkpoint {tmp_path / 'run'} is an image checkpoint, not "
-                     "a causal-LM checkpoint: generate takes a GPT-style one (a gpt family "
-                     "final/ or a transformers causal LM)"]
+    assert lines == [f"error: --checkpoint {tmp_path / 'run'} is an image checkpoint, which "
+                     "generates nothing: generate takes a GPT-style one (a gpt family final/ "
+                     "or a transformers causal LM) or a text-to-image one (gan-int-cls, dfgan)"]
 
 
 def test_tokenizer_kind_overrides_the_familys_choice(tmp_path, real_text):
