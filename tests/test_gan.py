@@ -281,3 +281,27 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(what, overrides, messa
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_generators_ema_follows_timms_warmup_from_the_first_update(cache_dir, real_text,
+                                                                         tmp_path):
+    """After the first generator update the EMA is the generator; after the second it is
+    d * G1 + (1 - d) * G2 with timm's warmup decay d = 1 - 2^(-2/3)."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    train(_recipe("gan-int-cls", cache_dir, real_text, tmp_path, "train.max_steps=2",
+                  "train.save_every=1", "train.keep_last=5", "train.eval_every=0"),
+          progress=False)
+    ema, weights = {}, {}
+    for step in (1, 2):
+        folder = run / "checkpoints" / f"step-{step:06d}"
+        ema[step] = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=True)
+        weights[step] = load_file(str(folder / "model.safetensors"))  # the generator
+    d = 1 - 2 ** (-2 / 3)
+    for key, g2 in weights[2].items():
+        if not g2.is_floating_point():
+            continue
+        assert torch.allclose(ema[1][f"module.{key}"], weights[1][key], atol=1e-7), key
+        assert torch.allclose(ema[2][f"module.{key}"], d * weights[1][key] + (1 - d) * g2,
+                              atol=1e-6), key
