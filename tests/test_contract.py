@@ -329,7 +329,8 @@ def _gan_final_reloads(objective, recipe, run, tmp_path):
     generator.load_state_dict({k.removeprefix("module."): v for k, v in ema.items()})
     obj = recipe.objective
     prompt = "a small handwritten seven with a thick stroke, upright"
-    h = load_encoder(obj.text_encoder).encode([prompt], pooling=obj.text_pooling)
+    h = objective.standardize(load_encoder(obj.text_encoder).encode([prompt],
+                                                                    pooling=obj.text_pooling))
     _write_grid(_sample(generator, torch.from_numpy(h), 5, recipe.model.noise_dim, 3),
                 tmp_path / "expected.png", 3, padding=0)
     assert main(["generate", "--checkpoint", str(run), "--prompt", prompt, "--n", "5",
