@@ -246,6 +246,8 @@ def test_the_generator_steps_every_d_steps_and_logs_its_own_loss(family, cache_d
 
 BAD = [
     ("images without captions", ["data.source=[{folder}]"], "images without captions"),
+    ("an image the captions forget", ["data.source=[{folder}]", "data.captions={partial}"],
+     "1 images have no caption in"),
     ("a captions file naming missing images", ["data.source=[{folder}]",
                                                 "data.captions={bad_captions}"],
      "not an image file"),
@@ -269,18 +271,23 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(what, overrides, messa
     Image.new("RGB", (8, 8)).save(folder / "1.png")
     bad_captions = tmp_path / "captions.jsonl"
     bad_captions.write_text('{"image": "images/one/1.png", "caption": "x"}\n'
-                            '{"image": "images/one/2.png", "caption": "gone"}\n')
-    values = {"folder": tmp_path / "images", "bad_captions": bad_captions,
+                            '{"image": "images/one/3.png", "caption": "gone"}\n')
+    Image.new("RGB", (8, 8)).save(folder / "2.png")
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text('{"image": "images/one/1.png", "caption": "x"}\n')
+    values = {"folder": tmp_path / "images", "bad_captions": bad_captions, "partial": partial,
               "image": trained("image")}
     encoder, _ = classify_inputs(cache_dir, real_text)
     args = ["pretrain", "gan-int-cls-digits", f"data.cache_dir={cache_dir}",
             f"output_dir={tmp_path / 'run'}", f"objective.text_encoder={encoder}",
             "objective.judge=null", *[o.format(**values) for o in overrides]]
+    prepared = set((cache_dir / "images").glob("*"))
     capfd.readouterr()
     assert main(args) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()
+    assert set((cache_dir / "images").glob("*")) == prepared  # no image was prepared
 
 
 def test_the_generators_ema_follows_timms_warmup_from_the_first_update(cache_dir, real_text,
@@ -305,3 +312,29 @@ def test_the_generators_ema_follows_timms_warmup_from_the_first_update(cache_dir
         assert torch.allclose(ema[1][f"module.{key}"], weights[1][key], atol=1e-7), key
         assert torch.allclose(ema[2][f"module.{key}"], d * weights[1][key] + (1 - d) * g2,
                               atol=1e-6), key
+
+
+@pytest.mark.parametrize("family", GAN_FAMILIES)
+def test_flops_per_image_are_those_of_a_real_training_step(family, cache_dir, real_text,
+                                                          tmp_path):
+    """flops_per_unit (meta device) equals FlopCounterMode over the engine's train_step on
+    two real images; the generator's share scales as 1 / d_steps."""
+    from accelerate import Accelerator
+
+    from helpers import sgd_step
+    from overture.data.prepare import IndexedDataset
+    from overture.pretrain.gan.family import flop_counter
+
+    def objective(k):
+        return prepare(_recipe(family, cache_dir, real_text, tmp_path,
+                               f"objective.d_steps={k}")).objective
+
+    one = objective(1)
+    phase = one.recipe.resolved_phases()[0]
+    batch = one.collator(phase)(IndexedDataset(one._prepared.train).__getitems__([0, 1]))
+    with flop_counter() as counter:  # every operation the engine's step runs
+        sgd_step(one.recipe, one, [batch], Accelerator(cpu=True))
+    assert one.flops_per_unit(phase) == pytest.approx(counter.get_total_flops() / 2, rel=1e-9)
+    f = {k: objective(k).flops_per_unit(phase) for k in (1, 2, 4)}
+    assert f[1] > f[2] > f[4] > 0
+    assert f[1] - f[2] == pytest.approx(2 * (f[2] - f[4]), rel=1e-9)  # D + G / k

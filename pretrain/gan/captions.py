@@ -243,6 +243,33 @@ def index_texts(train: list[list[str]], evaluation: list[list[str]]) -> Captions
     return Captions(list(texts), pick[0], pick[1])
 
 
+def _captions_file(cfg: CaptionedImagesConfig) -> tuple[Path, Path] | None:
+    """(folder, its captions.jsonl) for a one-folder source; None for other sources. A
+    folder without a captions file is refused here."""
+    specs = cfg.source
+    if len(specs) != 1 or not Path(specs[0]).expanduser().is_dir():
+        return None
+    root = Path(specs[0]).expanduser()
+    captions_file = Path(cfg.captions).expanduser() if cfg.captions else root / "captions.jsonl"
+    if not captions_file.is_file():
+        raise ConfigError(f"data.source {root}: images without captions; write "
+                          f"{root / 'captions.jsonl'} ({{\"image\": \"relative/path.png\", "
+                          "\"captions\": [...]} a line) or set data.captions")
+    return root, captions_file
+
+
+def check_captions(cfg: CaptionedImagesConfig) -> None:
+    """Before any image is prepared: a folder's captions file exists, every line is
+    readable, names an existing file, and every image of the folder has a caption."""
+    found = _captions_file(cfg)
+    if found is not None:
+        from overture.pretrain.image.data import read_source
+
+        root, captions_file = found
+        listed = read_source(str(root), cfg, cfg.hf_split).paths  # file names, no decoding
+        folder_captions(root, captions_file, [listed])
+
+
 def captions_for(cfg: CaptionedImagesConfig, data, load_images) -> Captions:
     """The captions of prepared image data (``PreparedData``: train / eval index), by
     the kind of source. ``load_images(dataset)`` returns its images as a [N, 3, H, W]
@@ -258,13 +285,9 @@ def captions_for(cfg: CaptionedImagesConfig, data, load_images) -> Captions:
         held_out = (cfg.eval_source, cfg.hf_eval_split) if cfg.eval_source else (specs, cfg.hf_split)
         return index_texts(table_captions(cfg, specs, cfg.hf_split, data.train["row"]),
                            table_captions(cfg, *held_out, data.eval["row"]))
-    if len(specs) == 1 and Path(specs[0]).expanduser().is_dir():
-        root = Path(specs[0]).expanduser()
-        captions_file = Path(cfg.captions).expanduser() if cfg.captions else root / "captions.jsonl"
-        if not captions_file.is_file():
-            raise ConfigError(f"data.source {root}: images without captions; write "
-                              f"{root / 'captions.jsonl'} ({{\"image\": \"relative/path.png\", "
-                              "\"captions\": [...]} a line) or set data.captions")
+    found = _captions_file(cfg)
+    if found is not None:
+        root, captions_file = found
         train, evaluation = folder_captions(root, captions_file,
                                             [data.train["path"], data.eval["path"]])
         return index_texts(train, evaluation)

@@ -39,7 +39,8 @@ from overture.errors import ConfigError
 from overture.objective import Update
 
 from . import networks
-from .captions import ATTRIBUTES, CaptionedImagesConfig, attribute_classes, captions_for, measure
+from .captions import (ATTRIBUTES, CaptionedImagesConfig, Captions, attribute_classes,
+                       captions_for, measure)
 
 log = logging.getLogger(__name__)
 
@@ -167,10 +168,16 @@ class CaptionCollator:
     labelled), ``other`` [B, E] (for the INT term); ``noise`` [B, Z], ``eps`` and
     ``eps_int`` [B, C] (the conditioning augmentation's); ``labels`` [B] (-1: none),
     ``attributes`` [B, 3] (-1: none). Each example's draws are seeded by (seed, epoch,
-    index); at evaluation (epoch -1) they are the same at every evaluation."""
+    index); at evaluation (epoch -1) they are the same at every evaluation.
 
-    def __init__(self, family: "TextToImage", image_size: int, seed: int):
-        self.family, self.size, self.seed = family, image_size, seed
+    It holds only arrays (the embedding table, caption indices, labels), so that loader
+    workers receive those, not the objective and its models."""
+
+    def __init__(self, table: np.ndarray, captions: Captions, labels: dict[str, np.ndarray],
+                 image_size: int, noise_dim: int, cond_dim: int, hflip: float, seed: int):
+        self.table, self.captions, self.labels = table, captions, labels
+        self.size, self.noise_dim, self.cond_dim = image_size, noise_dim, cond_dim
+        self.hflip, self.seed = hflip, seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -179,20 +186,18 @@ class CaptionCollator:
     def __call__(self, rows: dict) -> dict[str, torch.Tensor]:
         from overture.pretrain.image.data import decode_row
 
-        family, columns, indices = self.family, rows["columns"], rows["indices"]
+        columns, indices, table = rows["columns"], rows["indices"], self.table
         held_out = self.epoch < 0
-        captions = family.captions.eval if held_out else family.captions.train
-        labels = np.asarray(family.labels["eval" if held_out else "train"])
-        attributes = family.captions.eval_attributes if held_out else family.captions.train_attributes
-        table, model = family.table, family.recipe.model
-        ca = model.condition_dim
+        split = "eval" if held_out else "train"
+        captions, labels = getattr(self.captions, split), self.labels[split]
+        attributes = getattr(self.captions, f"{split}_attributes")
         out: dict[str, list] = {k: [] for k in ("images", "text", "wrong", "other", "noise",
-                                                "eps", "eps_int", "labels", "attributes")}
+                                                "eps", "eps_int")}
         for index, item in zip(indices, zip(columns["image"], columns["path"],
                                             columns["height"], columns["width"])):
             rng = np.random.default_rng([self.seed, self.epoch + 1, int(index)])
             image = _to_tensor(decode_row(*item), self.size)
-            if not held_out and rng.random() < family.recipe.objective.hflip:
+            if not held_out and rng.random() < self.hflip:
                 image = image.flip(-1)
             mine = captions[index]
             caption = mine[index % len(mine)] if held_out else mine[rng.integers(len(mine))]
@@ -202,16 +207,16 @@ class CaptionCollator:
             out["text"].append(table[caption])
             out["wrong"].append(table[_pick(rng, captions[wrong])])
             out["other"].append(table[_pick(rng, captions[other])])
-            out["noise"].append(rng.standard_normal(model.noise_dim, dtype=np.float32))
-            out["eps"].append(rng.standard_normal(ca, dtype=np.float32))
-            out["eps_int"].append(rng.standard_normal(ca, dtype=np.float32))
-            out["labels"].append(int(labels[index]))
-            out["attributes"].append(attributes[index] if attributes is not None else [-1] * 3)
+            out["noise"].append(rng.standard_normal(self.noise_dim, dtype=np.float32))
+            out["eps"].append(rng.standard_normal(self.cond_dim, dtype=np.float32))
+            out["eps_int"].append(rng.standard_normal(self.cond_dim, dtype=np.float32))
         batch = {"images": torch.stack(out.pop("images"))}
-        for key in ("text", "wrong", "other", "noise", "eps", "eps_int"):
-            batch[key] = torch.from_numpy(np.stack(out[key]).astype(np.float32))
-        batch["labels"] = torch.tensor(out["labels"], dtype=torch.long)
-        batch["attributes"] = torch.tensor(np.asarray(out["attributes"]), dtype=torch.long)
+        batch.update({k: torch.from_numpy(np.stack(v)) for k, v in out.items()})
+        index = np.asarray(indices)
+        batch["labels"] = torch.from_numpy(labels[index].astype(np.int64))
+        batch["attributes"] = (torch.from_numpy(attributes[index].astype(np.int64))
+                               if attributes is not None
+                               else torch.full((len(index), 3), -1, dtype=torch.long))
         return batch
 
 
@@ -284,6 +289,7 @@ class TextToImage:
         self._prepared = None
         self._frozen: dict[str, nn.Module] | None = None
         self._flops: float | None = None
+        self._grid: np.ndarray | None = None
 
     # ------------------------------------------------------------------ data
     def prepare(self, phase: Phase, progress: bool = True):
@@ -293,17 +299,22 @@ class TextToImage:
             return self._prepared
         from overture.pretrain.image.data import prepare_images
 
-        from .text import embed_captions
+        from .captions import check_captions
+        from .text import check_encoder, embed_captions
 
         cfg, obj = self.recipe.data, self.recipe.objective
         if obj.judge is not None and not Path(obj.judge).expanduser().exists():
             raise ConfigError(f"objective.judge={obj.judge!r}: no such folder; train one first "
                               "(`overture pretrain resnet-tiny-digits` for the digits) or set "
                               "objective.judge=null (no caption consistency, no FID)")
-        self.frozen_models()  # a judge that is not a classifier fails here, before the work
+        # every check that reads no image comes first: bad input is one line, before work
+        self.frozen_models()  # a judge that is not a classifier
+        check_encoder(obj.text_encoder)  # its config and tokenizer, not its weights
+        check_captions(cfg)
         data = prepare_images(cfg, labelled=False, progress=progress)
         self.captions = captions_for(cfg, data, lambda rows: _images(rows, cfg.image_size))
-        self.labels = {"train": data.train["label"], "eval": data.eval["label"]}
+        self.labels = {"train": np.asarray(data.train["label"], np.int64),
+                       "eval": np.asarray(data.eval["label"], np.int64)}
         table = embed_captions(self.captions.texts, self.recipe.objective,
                                cfg.resolved_cache_dir, self.recipe.train.seed, progress)
         # Pooled sentence embeddings share a large common part (mean cosine 0.99 between
@@ -322,7 +333,10 @@ class TextToImage:
         return data
 
     def collator(self, phase: Phase) -> CaptionCollator:
-        return CaptionCollator(self, self.recipe.data.image_size, self.recipe.train.seed)
+        model = self.recipe.model
+        return CaptionCollator(self.table, self.captions, self.labels, self.recipe.data.image_size,
+                               model.noise_dim, model.condition_dim,
+                               self.recipe.objective.hflip, self.recipe.train.seed)
 
     def data_report(self, data, phase: Phase) -> dict[str, float]:
         stats = self.stats
@@ -522,70 +536,86 @@ class TextToImage:
         return getattr(network, "name", "none (no objective.judge, no local Inception-v3)")
 
     def grid_prompts(self) -> list[str]:
-        """objective.grid_prompts, or one held-out caption per class (the first 8 held-out
-        captions for unlabelled images)."""
+        """objective.grid_prompts, or the first held-out caption of each of the first ten
+        classes (the first 8 held-out captions for unlabelled images)."""
         given = self.recipe.objective.grid_prompts
         if given:
             return list(given)
-        labels, prompts, seen = self.labels["eval"], [], set()
+        labels = self.labels["eval"]
+        first = {}  # class (or image, unlabelled) -> its first held-out caption
         for i, captions in enumerate(self.captions.eval):
-            key = labels[i] if labels[i] >= 0 else i
-            if key not in seen:
-                seen.add(key)
-                prompts.append((key, self.captions.texts[captions[0]]))
-        prompts.sort(key=lambda p: p[0] if labels[0] >= 0 else 0)
-        return [p for _, p in prompts[:10 if labels and labels[0] >= 0 else 8]]
+            first.setdefault(int(labels[i]) if labels[i] >= 0 else -1 - i,
+                             self.captions.texts[captions[0]])
+        if len(labels) and labels[0] >= 0:
+            return [first[k] for k in sorted(first)[:10]]
+        return list(first.values())[:8]
+
+    def grid_embeddings(self) -> np.ndarray:
+        """[prompts, E]: the grid prompts as the networks take them (embedded once; a
+        prompt that is not a caption goes through the text encoder)."""
+        if self._grid is None:
+            prompts = self.grid_prompts()
+            known = {t: i for i, t in enumerate(self.captions.texts)}
+            missing = [p for p in prompts if p not in known]
+            extra = {}
+            if missing:
+                from .text import load_encoder
+
+                obj = self.recipe.objective
+                encoder = load_encoder(obj.text_encoder, obj.text_encoder_init,
+                                       self.recipe.train.seed)
+                extra = dict(zip(missing, self.standardize(encoder.encode(
+                    missing, pooling=obj.text_pooling, layer=obj.text_layer))))
+            self._grid = np.stack([self.table[known[p]] if p in known else extra[p]
+                                   for p in prompts])
+        return self._grid
 
     def after_evaluate(self, models, step: int, run_dir: Path) -> dict[str, Path]:
         """samples/step-NNNNNN.png: prompts (rows) x fixed noise (columns), by the EMA
         generator; the prompts are in the .txt beside it."""
-        prompts = self.grid_prompts()
-        known = {t: i for i, t in enumerate(self.captions.texts)}
-        missing = [p for p in prompts if p not in known]
-        extra = {}
-        if missing:
-            from .text import load_encoder
-
-            obj = self.recipe.objective
-            encoder = load_encoder(obj.text_encoder, obj.text_encoder_init, self.recipe.train.seed)
-            extra = dict(zip(missing, self.standardize(encoder.encode(
-                missing, pooling=obj.text_pooling, layer=obj.text_layer))))
-        h = np.stack([self.table[known[p]] if p in known else extra[p] for p in prompts])
         path = Path(run_dir) / "samples" / f"step-{step:06d}.png"
         generator = self.sampler(models)
         device = next(generator.parameters()).device
-        images = _sample(generator, torch.from_numpy(h).float().to(device),
+        images = _sample(generator, torch.from_numpy(self.grid_embeddings()).float().to(device),
                          self.recipe.objective.grid_columns, self.recipe.model.noise_dim,
                          self.recipe.train.seed)
         _write_grid(images, path, self.recipe.objective.grid_columns)
-        path.with_suffix(".txt").write_text("".join(f"{p}\n" for p in prompts), encoding="utf-8")
+        path.with_suffix(".txt").write_text("".join(f"{p}\n" for p in self.grid_prompts()),
+                                            encoding="utf-8")
         return {"samples": path}
 
     # ------------------------------------------------------------------ size
     def flops_per_unit(self, phase: Phase) -> float:
-        """FLOPs of one image's step: the D step (G forward, D on real with two captions
-        and on the fake) and the G step (G and D forward and backward), counted with
-        torch's FlopCounterMode on the meta device, as 3x forward for forward + backward."""
+        """FLOPs of one image's share of a step: the discriminator update, plus
+        1/d_steps of the generator update, each forward and backward as this objective
+        runs them (three discriminator pairings, the INT term, the gradient penalty's
+        double backward), counted by torch's FlopCounterMode on the meta device."""
         if self._flops is None:
-            from torch.utils.flop_counter import FlopCounterMode
-
             try:
-                with torch.device("meta"):
-                    models = self.build_models()
-                    g, d = models["generator"], models["discriminator"]
-                    z = torch.empty(2, self.recipe.model.noise_dim)
-                    h = torch.empty(2, self.text_dim)
-                    with FlopCounterMode(display=False) as gen:
-                        image, _ = g.eval()(z, h, None)
-                    with FlopCounterMode(display=False) as disc:
-                        d.eval()(image, [h])
-                per = (gen.get_total_flops() + disc.get_total_flops()) / 2
-                g_share = 1 / self.recipe.objective.d_steps
-                d_step = gen.get_total_flops() / 2 + 3 * 3 * disc.get_total_flops() / 2
-                self._flops = d_step + g_share * 3 * per
+                self._flops = self._step_flops(batch_size=2) / 2
             except Exception:  # noqa: BLE001  (an operator without a meta kernel)
                 self._flops = 0.0
         return self._flops
+
+    def _step_flops(self, batch_size: int, device: str = "meta") -> float:
+        """FLOPs of one optimizer step's updates on a batch of ``batch_size`` (the
+        generator's weighted by 1/d_steps)."""
+        model, size = self.recipe.model, self.recipe.data.image_size
+        n = batch_size
+        with torch.device(device):
+            models = self.build_models()
+            batch = {"images": torch.zeros(n, 3, size, size),
+                     **{k: torch.zeros(n, self.text_dim) for k in ("text", "wrong", "other")},
+                     "noise": torch.zeros(n, model.noise_dim),
+                     "eps": torch.zeros(n, model.condition_dim),
+                     "eps_int": torch.zeros(n, model.condition_dim)}
+            total = 0.0
+            for update in self.updates():
+                with flop_counter() as counter:
+                    out = self.forward(models, batch, update)
+                    sum(out[f"{h}_loss_sum"] for h in update.heads).backward()
+                total += counter.get_total_flops() / update.every
+        return total
 
     # ------------------------------------------------------------------ export
     def export(self, models, state_dicts, folder: Path) -> None:
@@ -653,6 +683,30 @@ class TextToImage:
         size = config["image_size"]
         return (f"wrote {output}: {n} images of {size}x{size} in {math.ceil(n / columns)} rows "
                 f"of {columns}")
+
+
+class _Unattributed:
+    """Stands for FlopCounterMode's module tracker: totals only. The tracker's hooks fail
+    on autograd.grad with respect to inputs (the gradient penalty), which it does not
+    support; the total count does not need them."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def flop_counter():
+    """torch's FlopCounterMode counting totals (``get_total_flops``), gradient penalties
+    included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _Unattributed()
+    return counter
 
 
 def build_generator(kind: str, args: dict) -> nn.Module:

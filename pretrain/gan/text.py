@@ -18,6 +18,23 @@ import numpy as np
 from overture.errors import ConfigError
 
 
+def check_encoder(checkpoint: str) -> None:
+    """objective.text_encoder names a transformers encoder with a tokenizer: read from
+    its config and tokenizer files, without the weights."""
+    from overture.features import check_checkpoint
+    from overture.hub import load_tokenizer
+
+    try:
+        path, config = check_checkpoint(checkpoint)
+        load_tokenizer(path, "--checkpoint")
+    except ConfigError as err:
+        message = str(err).split(": ", 1)[-1]
+        raise ConfigError(f"objective.text_encoder={checkpoint!r}: {message}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"objective.text_encoder={checkpoint!r}: an encoder-decoder model; "
+                          "give an encoder (a BERT-style final/ or transformers folder)")
+
+
 def load_encoder(checkpoint: str, init: str = "pretrained", seed: int = 0):
     """An ``overture.features.Encoder`` on the CPU; its errors name objective.text_encoder."""
     import torch
@@ -31,9 +48,6 @@ def load_encoder(checkpoint: str, init: str = "pretrained", seed: int = 0):
     except ConfigError as err:
         message = str(err).split(": ", 1)[-1]
         raise ConfigError(f"objective.text_encoder={checkpoint!r}: {message}") from None
-    if getattr(encoder.model.config, "is_encoder_decoder", False):
-        raise ConfigError(f"objective.text_encoder={checkpoint!r}: an encoder-decoder model; "
-                          "give an encoder (a BERT-style final/ or transformers folder)")
     if init == "random":
         from transformers import AutoModel
 
