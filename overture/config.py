@@ -419,22 +419,30 @@ def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None,
     for key, (item, value) in given.items():
         _set_dotted(raw, key, value, item)
     train = raw.get("train")
-    steps_given = "train.max_steps" in given or any(k.split(".")[0] == "phases" for k in given)
-    if steps_given and isinstance(train, dict) and train.get("epochs") is not None:
-        # the user's max_steps wins over the recipe's epochs, as transformers.Trainer's
-        # max_steps over num_train_epochs; both given on the command line contradict
-        if "train.epochs" in given:
-            steps = next(v[0] for k, v in given.items()
-                         if k == "train.max_steps" or k.split(".")[0] == "phases")
-            raise ConfigError(f"command-line overrides {steps!r} and "
-                              f"{given['train.epochs'][0]!r} both set the length of training; "
-                              "give one of them")
-        train["epochs"] = None
+    # the user's max_steps wins over the recipe's epochs, as transformers.Trainer's
+    # max_steps over num_train_epochs; the user's eval_batches over the recipe's
+    # eval_examples; both of a pair given on the command line contradict
+    steps = next((v[0] for k, v in given.items()
+                  if k == "train.max_steps" or k.split(".")[0] == "phases"), None)
+    _user_setting_wins(given, train, steps, "epochs", "the length of training")
+    _user_setting_wins(given, train, given.get("train.eval_batches", (None,))[0],
+                       "eval_examples", "the size of an evaluation")
     if "train.max_steps" in given and raw.get("phases"):  # the phases' steps are the length
         raise ConfigError(f"command-line override {given['train.max_steps'][0]!r} is not used "
                           "when phases are given (their steps set the length of training); "
                           "change phases[i].steps instead")
     return recipe_from_dict(raw, where=Where(str(path), {k: v[0] for k, v in given.items()}))
+
+
+def _user_setting_wins(given: dict, train, item: str | None, key: str, what: str) -> None:
+    """A command-line ``item`` replaces the recipe's ``train.KEY``, which sets ``what``
+    the other way; ``train.KEY`` on the command line as well is refused."""
+    if item is None or not isinstance(train, dict) or train.get(key) is None:
+        return
+    if f"train.{key}" in given:
+        raise ConfigError(f"command-line overrides {item!r} and {given[f'train.{key}'][0]!r} "
+                          f"both set {what}; give one of them")
+    train[key] = None
 
 
 def parse_overrides(items: list[str], unique: bool = False) -> dict[str, tuple[str, Any]]:

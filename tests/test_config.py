@@ -105,6 +105,20 @@ def test_an_explicit_max_steps_wins_over_the_recipes_epochs_and_both_are_refused
         load_recipe("image-finetune", ["train.max_steps=7", "train.epochs=2"])
 
 
+def test_an_explicit_eval_batches_wins_over_the_recipes_eval_examples_and_both_are_refused():
+    from overture.evaluation import eval_size
+
+    recipe = load_recipe("gan-int-cls-digits", ["train.eval_batches=2"])  # recipe: 359 images
+    assert recipe.train.eval_examples is None
+    assert eval_size(recipe, recipe.resolved_phases()[0]) == 2 * 64
+    assert eval_size(*(lambda r: (r, r.resolved_phases()[0]))(
+        load_recipe("gan-int-cls-digits"))) == 359
+    with pytest.raises(ConfigError, match=r"command-line overrides 'train\.eval_batches=2' and "
+                                          r"'train\.eval_examples=9' both set the size of an "
+                                          "evaluation"):
+        load_recipe("gan-int-cls-digits", ["train.eval_batches=2", "train.eval_examples=9"])
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["phases=[{steps: 3}]", "train.max_steps=10"],
      "command-line override 'train.max_steps=10' is not used when phases are given"),
