@@ -378,6 +378,12 @@ def test_dry_run_reports_parameters_and_data_statistics(family, cache_dir, real_
             assert stats[f"{task}_label_1"] == pytest.approx(0.5, abs=0.03)
     if family == "gpt":
         assert 0 <= stats["dropped_fraction"] < 0.1
+    if family in GAN_FAMILIES:  # four training phrasings; the tiny BERT's width
+        assert stats["captions_per_image"] == 4 and stats["text_dim"] == 128
+        assert stats["captions"] > 10 * 4  # label x measured attributes x phrasings
+        for name in ("thickness", "slant", "size"):  # tertiles / median of 1,437 images
+            assert stats[f"{name}_largest_class_fraction"] == pytest.approx(
+                1 / 2 if name == "size" else 1 / 3, abs=0.01)
     if family in IMAGE_TINY:  # the bundled digits: 10 classes, 20% held out
         assert stats["classes"] == 10 and stats["unreadable_skipped"] == 0
         assert stats["train_examples"] + stats["eval_examples"] == 1797

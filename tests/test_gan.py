@@ -338,3 +338,37 @@ def test_flops_per_image_are_those_of_a_real_training_step(family, cache_dir, re
     f = {k: objective(k).flops_per_unit(phase) for k in (1, 2, 4)}
     assert f[1] > f[2] > f[4] > 0
     assert f[1] - f[2] == pytest.approx(2 * (f[2] - f[4]), rel=1e-9)  # D + G / k
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", " "], "--prompt is empty"),
+    (["--prompt", "a one", "--n", "0"], "--n=0 must be between 1 and 1024"),
+    (["--prompt", "a one", "--output", "{tmp}/x.jpg"], "give a .png file"),
+    (["--prompt", "a one", "--output", "{tmp}/exists.png"], "exists; give a new file name"),
+    (["--prompt", "a one", "--temperature", "0.5"], "--temperature: text sampling options"),
+    (["--prompt", "a one", "--seed", "-1"], "--seed=-1 must be between"),
+], ids=["empty prompt", "n 0", "not png", "existing output", "text option", "bad seed"])
+def test_generate_bad_input_is_one_line(trained, tmp_path, args, message, capfd):
+    (tmp_path / "exists.png").write_bytes(b"keep me")
+    argv = ["generate", "--checkpoint", str(trained("gan-int-cls"))]
+    argv += [a.format(tmp=tmp_path) for a in args]
+    if "--output" not in argv:
+        argv += ["--output", str(tmp_path / "new.png")]
+    capfd.readouterr()
+    assert main(argv) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert (tmp_path / "exists.png").read_bytes() == b"keep me"
+    assert not (tmp_path / "new.png").exists()
+
+
+@pytest.mark.parametrize("command", ["features", "probe"])
+def test_encoder_commands_refuse_a_gan_checkpoint(trained, tmp_path, command, capfd):
+    argv = {"features": ["features", "--checkpoint", str(trained("dfgan")), "--input",
+                         str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.npy")],
+            "probe": ["probe", "--checkpoint", str(trained("dfgan")), "--data", "digits"]}
+    (tmp_path / "in.txt").write_text("a one\n")
+    capfd.readouterr()
+    assert main(argv[command]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "dfgan checkpoint" in err[0], err
