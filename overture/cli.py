@@ -273,11 +273,14 @@ def _dry_run(recipe) -> int:
 
 def count_parameters(objective, vocab_size: int | None = None) -> int:
     """Trainable + frozen parameters of a family's models, built on the meta device (no
-    memory, no tokenizer needed when ``vocab_size`` is given)."""
+    memory, no tokenizer needed when ``vocab_size`` is given). Frozen modules that only
+    measure (a GAN's judge, ``measures_only = True``) are not the model's."""
     import torch
 
     with torch.device("meta"):
-        models = {**objective.build_models(vocab_size), **objective.frozen_models()}
+        frozen = {k: m for k, m in objective.frozen_models().items()
+                  if not getattr(m, "measures_only", False)}
+        models = {**objective.build_models(vocab_size), **frozen}
     seen = {id(p): p.numel() for m in models.values() for p in m.parameters()}
     return sum(seen.values())
 
@@ -303,11 +306,14 @@ def _recipes(args) -> int:
         if getattr(recipe.objective, "checkpoint", None) is not None:
             size = "ckpt"  # fine-tuning: the size of whatever checkpoint is given
         else:
+            objective = build_objective(recipe)
             try:
-                params = count_parameters(build_objective(recipe), recipe.tokenizer.vocab_size)
+                params = count_parameters(objective, recipe.tokenizer.vocab_size)
                 size = f"{params / 1e6:.1f}M"
-            except ConfigError:  # sized by a run it names that is not here (a text encoder)
-                size = "?"
+            except ConfigError:
+                if not getattr(objective, "makes_images", False):
+                    raise
+                size = "?"  # sized by the text encoder it names, which is not here
         print(f"{name:<24} {recipe.objective.name:<10} {size:>8}  {recipe.description}")
     return 0
 

@@ -15,6 +15,7 @@ from helpers import GAN_FAMILIES, prepare, records, tiny
 from overture.cli import main
 from overture.config import load_recipe
 from overture.engine import train
+from overture.registry import build_objective
 from overture.errors import ConfigError
 from overture.pretrain.gan import captions as gan_captions
 from overture.pretrain.gan.metrics import fid
@@ -372,3 +373,28 @@ def test_encoder_commands_refuse_a_gan_checkpoint(trained, tmp_path, command, ca
     assert main(argv[command]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dfgan checkpoint" in err[0], err
+
+
+def test_recipes_counts_the_two_players_at_the_encoders_width(trained, tmp_path):
+    """`overture recipes` sizes a GAN recipe from its text encoder's width: generator +
+    discriminator, not the judge it measures with."""
+    import shutil
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    (runs / "bert-tiny" / "final").mkdir(parents=True)
+    (runs / "bert-tiny" / "final" / "config.json").write_text('{"hidden_size": 128}')
+    shutil.copytree(trained("image") / "final", runs / "resnet-tiny-digits" / "final")
+    done = subprocess.run([sys.executable, "-m", "overture", "recipes"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    sizes = {line.split()[0]: line.split()[2] for line in done.stdout.splitlines()[1:]}
+    for name in ("gan-int-cls-digits", "dfgan-digits"):
+        objective = build_objective(
+            load_recipe(name, ["objective.judge=null"]))
+        objective.table = np.zeros((1, 128), np.float32)  # the encoder's width
+        players = sum(p.numel() for m in objective.build_models().values()
+                      for p in m.parameters())
+        assert sizes[name] == f"{players / 1e6:.1f}M", name
+    assert sizes["dfgan-digits"] == "1.1M" and sizes["gan-int-cls-digits"] == "0.6M"

@@ -26,6 +26,8 @@ class Judge(nn.Module):
     """An image classifier checkpoint seen from [-1, 1] images: ``forward`` gives
     (logits [B, classes], pooled features [B, F])."""
 
+    measures_only = True  # not part of the model (``overture recipes`` does not count it)
+
     def __init__(self, checkpoint: str):
         super().__init__()
         from overture.pretrain.image import models as image_models
@@ -63,6 +65,8 @@ class Judge(nn.Module):
 class Inception(nn.Module):
     """torchmetrics' FID Inception-v3 (torch-fidelity's port of the TF graph), on [-1, 1]
     images: [B, 2048] pool features."""
+
+    measures_only = True
 
     def __init__(self, weights: str):
         super().__init__()
