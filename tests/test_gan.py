@@ -398,3 +398,37 @@ def test_recipes_counts_the_two_players_at_the_encoders_width(trained, tmp_path)
                       for p in m.parameters())
         assert sizes[name] == f"{players / 1e6:.1f}M", name
     assert sizes["dfgan-digits"] == "1.1M" and sizes["gan-int-cls-digits"] == "0.6M"
+
+
+def test_a_parquet_source_gives_each_image_its_captions_from_the_caption_column(
+        cache_dir, real_text, tmp_path):
+    """Images in a Parquet file with a caption column (a list of strings a row, quotes and
+    tabs kept); each prepared image keeps its own row's captions, in whatever order the
+    held-out split put it."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    images, captions, labels = [], [], []
+    for i in range(12):
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(buffer, "PNG")
+        images.append({"bytes": buffer.getvalue(), "path": None})
+        captions.append([f'"red" level {i}', f"tab\there {i}"] if i % 2 else f"only {i}")
+        labels.append(i % 3)
+    column = pa.array([c if isinstance(c, list) else [c] for c in captions])
+    table = pa.table({"image": images, "label": labels, "text": column})
+    pq.write_table(table, tmp_path / "birds.parquet")
+    objective = prepare(_recipe("gan-int-cls", cache_dir, real_text, tmp_path,
+                                f"data.source=[{tmp_path / 'birds.parquet'}]",
+                                "data.eval_fraction=0.25", "data.max_train_examples=0")).objective
+    data = objective._prepared
+    for split, rows in (("train", data.train["row"]), ("eval", data.eval["row"])):
+        for image, row in zip(getattr(objective.captions, split), rows):
+            texts = [objective.captions.texts[i] for i in image]
+            expected = captions[row] if isinstance(captions[row], list) else [captions[row]]
+            assert texts == expected, (split, row)
+    assert len(data.train) + len(data.eval) == 12 and len(data.eval) == 3
+    assert objective.captions.thresholds is None  # attributes are measured on digits only
