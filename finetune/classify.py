@@ -37,7 +37,9 @@ from overture.tasks.metrics import compute, task_score
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+SMALL_WIDTH = 384
+"""Hidden sizes up to this need a larger fine-tuning lr than BERT-base's 2e-5."""
+FORMAT_VERSION = 2  # 2: stats count the squared lengths (the FLOPs of attention)
 
 
 @dataclass
@@ -171,6 +173,10 @@ class Classify:
         self.load_tokenizer()  # a wrong checkpoint is reported now, not after setup
         self.test: dict[str, object] = {}
         """Test splits by name (datasets, with their row ids), after prepare."""
+        self.stats: dict = {}
+        """The prepared examples' counts (train_examples, train_tokens, ...)."""
+        self.shape: tuple[int, int, int] | None = None
+        """(layers, hidden, feed-forward width) of the checkpoint, once built."""
 
     # ------------------------------------------------------------------ data
     def load_tokenizer(self):
@@ -209,6 +215,7 @@ class Classify:
         if not (folder / COMPLETE).exists():
             self._build(folder, phase.max_seq_len)
         stats = json.loads((folder / "stats.json").read_text())
+        self.stats = stats
         load = lambda name: datasets.Dataset.from_file(str(folder / f"{name}.arrow"))  # noqa: E731
         for split in self.task.test_splits:
             if (folder / f"{split.name}.arrow").exists():
@@ -264,7 +271,9 @@ class Classify:
             for key in enc:
                 for i, value in zip(long, cut[key]):
                     enc[key][i] = value
-        stats[f"{name}_tokens"] += sum(map(len, enc["input_ids"]))
+        lengths = [len(ids) for ids in enc["input_ids"]]
+        stats[f"{name}_tokens"] += sum(lengths)
+        stats[f"{name}_tokens_squared"] += sum(n * n for n in lengths)
         regression = self.task.is_regression
         # unlabelled (test) rows: NaN, or the index cross-entropy ignores
         labels = [(np.nan if regression else -100) if y is None else y for y in rows.labels]
@@ -300,6 +309,14 @@ class Classify:
         except (OSError, ValueError) as err:
             raise ConfigError(f"objective.checkpoint={self.recipe.objective.checkpoint!r}: "
                               f"cannot load it ({first_line(err)})") from err
+        hidden = config.hidden_size
+        self.shape = (config.num_hidden_layers, hidden,
+                      getattr(config, "intermediate_size", None)
+                      or getattr(config, "n_inner", None) or 4 * hidden)
+        if hidden <= SMALL_WIDTH and self.recipe.train.lr <= 3e-5:
+            log.warning("train.lr=%g is BERT-base's; a model %d wide barely moves at it in a "
+                        "few epochs: try 1e-4 or more, or a grid (overture glue --grid "
+                        "train.lr=5e-5,1e-4,3e-4)", self.recipe.train.lr, hidden)
         if self.recipe.model.classifier_dropout is not None:
             config.classifier_dropout = self.recipe.model.classifier_dropout
         if config.pad_token_id is None:  # GPT-style classifiers find the last real token
@@ -355,7 +372,20 @@ class Classify:
                             examples["eval_split"])
 
     def flops_per_unit(self, phase: Phase) -> float:
-        return 0.0  # examples differ in length; throughput is reported in examples/s
+        """Training FLOPs of the mean training example: per token 6 x the layers'
+        weights (Kaplan et al. 2020), plus attention over the example's own length T
+        (12 x layers x hidden x T per token), so 6 N E[T] + 12 L H E[T^2]; the
+        embeddings and the classifier are left out, as for pretraining. 0 before the
+        model is built or the examples counted."""
+        examples = self.stats.get("train_examples", 0)
+        if self.shape is None or not examples:
+            return 0.0
+        from overture.pretrain.text.common import transformer_flops_per_token
+
+        mean_tokens = self.stats["train_tokens"] / examples
+        mean_squared = self.stats.get("train_tokens_squared", 0) / examples
+        # per token at length E[T^2] / E[T], times E[T] tokens: 6 N E[T] + 12 L H E[T^2]
+        return transformer_flops_per_token(*self.shape, mean_squared / mean_tokens) * mean_tokens
 
     def data_report(self, data, phase: Phase) -> dict[str, float]:
         stats = data.stats

@@ -154,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="runs per task (seeds 42, 43, ...)")
     p.add_argument("--data-dir", help="the official GLUE distribution; default: the Hub")
     p.add_argument("--output-dir", default="runs/glue")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
+                   help="fine-tune every point of these values (repeatable: their product) "
+                        "with every seed; each task reports the point with the best mean dev "
+                        "score, e.g. --grid train.lr=2e-5,5e-5,1e-4")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=_glue)
 
@@ -302,9 +306,10 @@ def _recipes(args) -> int:
 
     print(f"{'recipe':<24} {'family':<10} {'params':>8}  description")
     for name, path in bundled_recipes().items():
-        recipe = load_recipe(path)
-        if getattr(recipe.objective, "checkpoint", None) is not None:
-            size = "ckpt"  # fine-tuning: the size of whatever checkpoint is given
+        recipe = load_recipe(path, checkpoint=False)  # init_from folders made by other runs
+        if (getattr(recipe.objective, "checkpoint", None) is not None
+                or "model.init_from" in recipe.requires):
+            size = "ckpt"  # fine-tuning, continued pretraining: the checkpoint's size
         else:
             objective = build_objective(recipe)
             try:
@@ -381,6 +386,9 @@ def _finetune(args) -> int:
     recipe = finetune_recipe(args.checkpoint, args.task, args.data_dir, args.seed, overrides)
     metrics = finetune(recipe, progress=_is_main_process())
     if _is_main_process():
+        from .finetune.run import epoch_table
+
+        print(epoch_table(metrics))
         print(json.dumps(metrics["dev"], indent=2))
     return 0
 
@@ -391,7 +399,7 @@ def _glue(args) -> int:
     if args.seeds < 1:
         raise ConfigError(f"--seeds={args.seeds} must be at least 1")
     run_glue(args.checkpoint, parse_tasks(args.tasks), args.seeds, args.data_dir,
-             args.output_dir, args.overrides, progress=_is_main_process())
+             args.output_dir, args.overrides, progress=_is_main_process(), grid=args.grid)
     return 0
 
 

@@ -71,7 +71,11 @@ class DataConfig:
 
     corpus: list[str] = field(default_factory=lambda: ["default"])
     """Sources: file paths or globs (.txt .jsonl .json .csv .parquet), hf:NAME[:CONFIG]
-    for a Hugging Face Hub dataset, or 'default' for the embedded corpus."""
+    for a Hugging Face Hub dataset, task:NAME for the training text of a GLUE task (or
+    task:FILE.yaml, a custom task), or 'default' for the embedded corpus."""
+    task_dir: str | None = None
+    """The official GLUE distribution (SST-2/train.tsv, ...) that task: sources read;
+    null: the Hub dataset nyu-mll/glue."""
     eval_corpus: list[str] = field(default_factory=list)
     """Held-out sources, same forms as corpus (e.g. WikiText's test.txt); when given,
     evaluation uses them whole and data.eval_fraction is not held out of the corpus."""
@@ -324,10 +328,28 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     phases: list[Phase] = field(default_factory=list)
     """Optional stages; each overrides sequence length, batch size and predictions cap."""
+    requires: list[str] = field(default_factory=list)
+    """Keys the user must set before the recipe runs, e.g. model.init_from for a
+    continued-pretraining recipe (which checkpoint to continue is the user's choice)."""
+
+    def check_requires(self) -> None:
+        """Refuse to run with a required key left unset (null or empty)."""
+        for key in self.requires:
+            value: Any = self
+            for part in key.split("."):
+                value = getattr(value, part, None)
+            if value in (None, "", []):
+                raise ConfigError(f"{key} is required by recipe {self.name!r}: "
+                                  f"{_REQUIRED_HINTS.get(key, 'set it')}")
 
     def validate(self) -> None:
         for section in (self.model, self.tokenizer, self.data, self.objective, self.train):
             section.validate()
+        for key in self.requires:
+            section, _, name = key.partition(".")
+            if not hasattr(getattr(self, section, None), name):
+                raise ConfigError(f"requires: {key!r} is not a key of this recipe "
+                                  f"(objective.name={self.objective.name!r})")
         if self.phases and self.train.epochs is not None:
             raise ConfigError("train.epochs and phases exclude each other: phases count steps")
         for i, phase in enumerate(self.phases):
@@ -396,16 +418,23 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+_REQUIRED_HINTS = {"model.init_from": "give the checkpoint to continue, "
+                                       "model.init_from=DIR (an overture final/ or a "
+                                       "transformers folder) or a Hub name"}
+
+
 # --------------------------------------------------------------------------- loading
 
 
 def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None,
-                defaults: list[str] | None = None) -> Recipe:
+                defaults: list[str] | None = None, checkpoint: bool = True) -> Recipe:
     """Load a recipe from a YAML path or a bundled recipe name, apply KEY=VALUE overrides
     (dotted paths, values parsed as YAML scalars) and validate it. An error in a key or
     value that an override set names the override, not the file. ``defaults`` are KEY=VALUE
     settings a command puts between the file and the user's overrides (the task's
-    epochs for ``finetune``): the user's overrides replace them."""
+    epochs for ``finetune``): the user's overrides replace them. A text family's
+    ``model.init_from`` checkpoint completes the model and tokenizer sections
+    (``checkpoint=False``: left as written, for listing recipes without their inputs)."""
     path = resolve_recipe_path(source)
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
@@ -431,7 +460,8 @@ def load_recipe(source: str | os.PathLike, overrides: list[str] | None = None,
         raise ConfigError(f"command-line override {given['train.max_steps'][0]!r} is not used "
                           "when phases are given (their steps set the length of training); "
                           "change phases[i].steps instead")
-    return recipe_from_dict(raw, where=Where(str(path), {k: v[0] for k, v in given.items()}))
+    return recipe_from_dict(raw, where=Where(str(path), {k: v[0] for k, v in given.items()}),
+                            checkpoint=checkpoint)
 
 
 def _user_setting_wins(given: dict, train, item: str | None, key: str, what: str) -> None:
@@ -517,9 +547,11 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return at + problem + (f" ({context})" if context else "")
 
 
-def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
+def recipe_from_dict(raw: dict, where: str = "recipe", checkpoint: bool = True) -> Recipe:
     """A validated Recipe from a mapping; ``objective.name`` (default bert) picks the
-    family whose dataclasses type the ``model`` and ``objective`` sections."""
+    family whose dataclasses type the ``model`` and ``objective`` sections, and completes
+    them from ``model.init_from`` when it continues a checkpoint (unless not
+    ``checkpoint``)."""
     from .registry import get_family
 
     objective = raw.get("objective") or {}
@@ -532,6 +564,10 @@ def recipe_from_dict(raw: dict, where: str = "recipe") -> Recipe:
         raise ConfigError(f"{_where(where, 'tokenizer')}: objective.name="
                           f"{objective.get('name')!r} trains on images and has no tokenizer; "
                           "remove the tokenizer section or overrides")
+    model = raw.get("model")
+    if (checkpoint and isinstance(model, dict) and model.get("init_from")
+            and hasattr(family, "continue_from")):
+        raw = family.continue_from(raw, where)  # the checkpoint's sizes and tokenizer
     recipe = from_dict(Recipe, raw, where=where,
                        types={"model": family.model_config,
                               "objective": family.objective_config, "data": data_config})

@@ -78,6 +78,8 @@ def setup_trainer(recipe: Recipe, objective: Objective, accelerator) -> Trainer:
 
     cfg = recipe.train
     models = objective.build_models()  # same initial weights on every rank
+    for module in models.values():  # from_pretrained gives eval mode: no dropout
+        module.train()
     set_seed(cfg.seed, device_specific=True)  # but different dropout masks per rank
     for module in objective.frozen_models().values():  # never wrapped, never stepped
         module.requires_grad_(False).eval().to(accelerator.device)
@@ -189,6 +191,9 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
     peak = _peak_tflops(cfg.peak_tflops, accelerator.device)
     deadline = time.monotonic() + cfg.max_time * 60 if cfg.max_time else None
     units = UnitCounter(state, accelerator)
+    # the training loss since the last evaluation: its record's train_loss
+    since_eval = Interval(objective, accelerator, state.since_eval)
+    state.since_eval = None
     evaluator = Evaluator(trainer, accelerator, metrics_log, run_dir)
 
     # ------------------------------------------------------------------ loop
@@ -229,6 +234,7 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
                 units.add(step_stats["units"])
                 count_skips(step_stats, state, cfg, run_dir)
                 interval.add(step_stats)
+                since_eval.add(step_stats)
                 bar.update(1)
                 out_of_time, signalled = agree_to_stop(deadline, stop, accelerator)
                 out_of_time = out_of_time or signalled
@@ -243,16 +249,17 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
                     log_record(record, metrics_log, accelerator, state.step)
                 eval_due = cfg.eval_every and state.step % cfg.eval_every == 0
                 if eval_due and state.step < total_steps and evaluator.enabled:
-                    metrics, evaluated_step = evaluator.run(state.step), state.step
+                    metrics = evaluator.run(state.step, since_eval.train_loss())
+                    evaluated_step = state.step
                     stop_early = _track_best(metrics, state, cfg, accelerator, recipe, trainer)
                 out_of_time = out_of_time or stop_early
                 # the last step is saved below, once the run is marked finished
                 save_due = cfg.save_every and state.step % cfg.save_every == 0
                 if (save_due and state.step < total_steps) or out_of_time:
                     units.settle()
-                    state.interval = interval.snapshot()
+                    state.interval, state.since_eval = interval.snapshot(), since_eval.snapshot()
                     save_checkpoint(accelerator, recipe, state.step, asdict(state))
-                    state.interval = None
+                    state.interval = state.since_eval = None
                     saved_step = state.step
                 if signalled:
                     raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} "
@@ -273,7 +280,7 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
     # ------------------------------------------------------------------ finish
     units.settle()
     if evaluator.enabled and evaluated_step != state.step:  # forked RNG: no effect below
-        metrics = evaluator.run(state.step)
+        metrics = evaluator.run(state.step, since_eval.train_loss())
         _track_best(metrics, state, cfg, accelerator, recipe, trainer)
     # a run stopped by max_time is not finished: the same command continues it
     state.finished = not (out_of_time and not stop_early and state.step < total_steps)

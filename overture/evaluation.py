@@ -60,17 +60,19 @@ class Evaluator:
     def enabled(self) -> bool:
         return self.loader is not None
 
-    def run(self, step: int) -> dict[str, float]:
-        """Metrics at ``step`` (logged as an "eval" record), with the training RNG
-        untouched; then the objective's artefacts."""
+    def run(self, step: int, train_loss: float | None = None) -> dict[str, float]:
+        """Metrics at ``step`` (logged as an "eval" record, with ``train_loss``: the mean
+        training loss since the previous evaluation), with the training RNG untouched;
+        then the objective's artefacts."""
         if self.loader is None:
             return {}
         accelerator, objective = self.accelerator, self.trainer.objective
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             metrics = evaluate(self.trainer, self.loader, accelerator)
-            log_record({"split": "eval", "step": step, **metrics}, self.metrics_log,
-                       accelerator, step)
+            trained = {} if train_loss is None else {"train_loss": train_loss}
+            log_record({"split": "eval", "step": step, **metrics, **trained},
+                       self.metrics_log, accelerator, step)
             if hasattr(objective, "after_evaluate") and accelerator.is_main_process:
                 models = {n: accelerator.unwrap_model(m) for n, m in self.trainer.models.items()}
                 for module in models.values():

@@ -38,30 +38,38 @@ def looks_like_path(name: str) -> bool:
 def resolve_checkpoint(checkpoint: str, option: str = "--checkpoint") -> str:
     """A final/ folder as given, a run folder's final/, or a Hub name that exists.
 
-    Raises ConfigError at once, naming ``option``, for a missing local path, a folder
-    with no config.json, or a Hub name that is neither cached nor on the Hub."""
+    Raises ConfigError at once, naming ``option`` (an option as typed, ``--checkpoint
+    DIR``, or a recipe key as set, ``model.init_from='DIR'``), for a missing local path,
+    a folder with no config.json, or a Hub name that is neither cached nor on the Hub."""
     path = Path(str(checkpoint)).expanduser()
     if (path / "final" / "config.json").is_file():
         return str(path / "final")
+    where = given(option, checkpoint)
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ConfigError(f"{option} {checkpoint}: no config.json here nor in "
+            raise ConfigError(f"{where}: no config.json here nor in "
                               f"{path / 'final'}; give a run's final/ folder")
         return str(path)
     name = str(checkpoint)
     if looks_like_path(name):
-        raise ConfigError(f"{option} {checkpoint}: no such folder (nothing was written)")
-    _check_hub_name(name, option)
+        raise ConfigError(f"{where}: no such folder (nothing was written)")
+    _check_hub_name(name, where)
     return name
 
 
-def _check_hub_name(name: str, option: str) -> None:
+def given(option: str, value) -> str:
+    """How the user gave ``value``: "--checkpoint DIR" for an option, "key='DIR'" for a
+    recipe key."""
+    return f"{option} {value}" if option.startswith("-") else f"{option}={str(value)!r}"
+
+
+def _check_hub_name(name: str, where: str) -> None:
     """A Hub repository id is usable when its config.json is cached, or the Hub has it."""
     from huggingface_hub import constants, try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return
-    not_local = f"{option} {name}: no such folder, and no Hub model of that name in the cache"
+    not_local = f"{where}: no such folder, and no Hub model of that name in the cache"
     if constants.HF_HUB_OFFLINE:
         raise ConfigError(f"{not_local} (HF_HUB_OFFLINE is set; nothing was written)")
     from huggingface_hub import model_info
@@ -135,8 +143,7 @@ def load_tokenizer(path: str, option: str = "--checkpoint"):
     from transformers import AutoTokenizer
 
     folder = Path(str(path)).expanduser()
-    # an option as typed (--checkpoint DIR), a recipe key as set (objective.checkpoint='DIR')
-    where = f"{option} {path}" if option.startswith("-") else f"{option}={str(path)!r}"
+    where = given(option, path)
     if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise ConfigError(f"{where}: no tokenizer files there "
                           f"({', '.join(TOKENIZER_FILES[:3])}, ...); save the tokenizer "

@@ -128,6 +128,18 @@ class Interval:
         return {"totals": dict(zip(keys, values.tolist())),
                 "seconds": time.perf_counter() - self.started}
 
+    def train_loss(self) -> float | None:
+        """The mean training loss of the steps added since the last call (every head's,
+        summed as the train records' ``loss``), reduced over processes; then cleared.
+        None when no step was added (every process must call this)."""
+        keys = sorted(self.totals)
+        if not keys:
+            return None
+        t = dict(zip(keys, self.accelerator.reduce(self._stacked(keys), "sum").tolist()))
+        heads = self.objective.heads
+        self.totals, self.started = {}, time.perf_counter()
+        return self.objective.summarize(t, {h: t[f"{h}_count"] for h in heads}).get("loss")
+
     def flush(self, state: TrainState, lrs: dict[str, float], peak_tflops: float | None,
               phase: Phase) -> dict[str, float]:
         keys = sorted(self.totals)

@@ -51,6 +51,7 @@ def family_name(family: type) -> str:
 def build_objective(recipe):
     """The objective object for ``recipe.objective.name``; ``train.updates`` may only
     name its updates (checked here, before any data is prepared)."""
+    recipe.check_requires()
     objective = get_family(recipe.objective.name)(recipe)
     names = [u.name for u in objective.updates()]
     for name in recipe.train.updates:

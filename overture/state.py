@@ -37,6 +37,9 @@ class TrainState:
     interval: dict | None = None
     """Sums since the last metrics record, so that the first record after a resume
     averages the same steps as an uninterrupted run would."""
+    since_eval: dict | None = None
+    """Loss sums since the last evaluation (its record's ``train_loss``), kept the same
+    way through a checkpoint."""
 
     def reshard(self, world_size: int, batch_size: int) -> None:
         """Express the data position in micro-batches of ``batch_size`` on ``world_size``

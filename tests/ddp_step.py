@@ -2,7 +2,8 @@
 batch, runs one DDP training step, and rank 0 saves the resulting parameters; then the
 seed-0 model is evaluated on held-out examples and rank 0 saves the metrics.
 
-usage: torchrun --standalone --nproc_per_node 2 ddp_step.py CACHE_DIR CORPUS WORK_DIR FAMILY...
+usage: torchrun --standalone --nproc_per_node 2 ddp_step.py CACHE_DIR CORPUS WORK_DIR ITEM...
+(ITEM: FAMILY, or FAMILY+init=CHECKPOINT for a continued run: its step only)
 """
 
 import sys
@@ -13,17 +14,26 @@ from accelerate import Accelerator
 
 import json
 
-from helpers import EVAL_SETTINGS, eval_metrics, prepare, sgd_step, tiny
+from helpers import EVAL_SETTINGS, continued, eval_metrics, prepare, sgd_step, tiny
 
 cache_dir, corpus, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 accelerator = Accelerator(cpu=True)
 rank, world = accelerator.process_index, accelerator.num_processes
-for family in sys.argv[4:]:
-    recipe = tiny(family, "unused", cache_dir, corpus)
-    big = torch.load(work / f"{family}-batch.pt", weights_only=True)
+for item in sys.argv[4:]:
+    # FAMILY, or FAMILY+init=CHECKPOINT: the family continuing a checkpoint (step only)
+    name, _, checkpoint = item.partition("=")
+    family = name.removesuffix("+init")
+    recipe = (continued(family, checkpoint, "unused", cache_dir, corpus) if checkpoint
+              else tiny(family, "unused", cache_dir, corpus))
+    big = torch.load(work / f"{name}-batch.pt", weights_only=True)
     share = len(next(iter(big.values()))) // world
     mine = {k: v[rank * share:(rank + 1) * share] for k, v in big.items()}
     params = sgd_step(recipe, prepare(recipe).objective, [mine], accelerator)
+    if checkpoint:
+        if accelerator.is_main_process:
+            torch.save(params, work / f"{name}-ddp.pt")
+        accelerator.wait_for_everyone()
+        continue
     metrics = eval_metrics(tiny(family, "unused", cache_dir, corpus, *EVAL_SETTINGS),
                            accelerator)
     if accelerator.is_main_process:

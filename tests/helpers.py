@@ -82,6 +82,30 @@ def tiny(family: str, run_dir, cache_dir, corpus, *overrides: str):
         *extra])
 
 
+def continued(family: str, checkpoint, run_dir, cache_dir, corpus, *overrides: str):
+    """The family's tiny recipe continuing ``checkpoint`` (model.init_from): its
+    ``model:`` and ``tokenizer:`` sections left out, as a user's continued-pretraining
+    recipe does, so the checkpoint's sizes and tokenizer are used; the data settings
+    are ``tiny``'s."""
+    import tempfile
+
+    import yaml
+
+    from overture.config import resolve_recipe_path
+
+    raw = yaml.safe_load(resolve_recipe_path(tiny_name(family)).read_text())
+    raw.pop("tokenizer", None)
+    raw["model"] = {k: v for k, v in raw.get("model", {}).items()
+                    if k in ("attention_window", "attention_dilation")}
+    raw["model"]["init_from"] = str(checkpoint)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(raw, f)
+    extra = ["data.max_seq_len=256", "model.attention_window=32"] if family == "longformer" else []
+    return load_recipe(f.name, list(overrides), defaults=[
+        f"data.corpus=[{corpus}]", f"data.cache_dir={cache_dir}", f"output_dir={run_dir}",
+        "data.num_proc=1", *extra])
+
+
 def classify_inputs(cache_dir, corpus) -> tuple[Path, Path]:
     """(checkpoint, GLUE folder) for fine-tuning tests, made once per cache: a tiny BERT
     (seed-0 weights, tokenizer trained on ``corpus``) exported as a transformers folder,

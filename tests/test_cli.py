@@ -100,7 +100,8 @@ def test_recipes_lists_the_bundled_recipes(tmp_path):
         if family in ("gan-int-cls", "dfgan"):  # sized by a text encoder not here
             assert mine and all(r[2] == "?" for r in mine)
             continue
-        assert mine and all(r[2].endswith("M") and float(r[2][:-1]) > 0 for r in mine)
+        sized = [r for r in mine if r[0] not in ("tapt", "dapt")]  # continue a checkpoint
+        assert sized and all(r[2].endswith("M") and float(r[2][:-1]) > 0 for r in sized)
     assert float(rows["bert-base"][2][:-1]) == pytest.approx(110, abs=1)
     assert float(rows["gpt2-small"][2][:-1]) == pytest.approx(124, abs=1)
     assert float(rows["albert-base"][2][:-1]) == pytest.approx(12, abs=0.5)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (EVAL_SETTINGS, GAN_FAMILIES, IMAGE_TINY, classify_inputs, eval_metrics, prepare,
-                     records, sgd_step, tiny, tiny_name)
+from helpers import (EVAL_SETTINGS, GAN_FAMILIES, IMAGE_TINY, classify_inputs, continued,
+                     eval_metrics, prepare, records, sgd_step, text_families, tiny, tiny_name)
 from overture.atomic import COMPLETE
 from overture.checkpoint import latest_checkpoint
 from overture.config import bundled_recipes, load_recipe
@@ -31,6 +31,7 @@ from overture.engine import train
 from overture.registry import build_objective, list_families
 
 FAMILIES = list_families()
+TEXT = text_families()
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +46,7 @@ def test_every_family_has_a_tiny_and_a_full_size_recipe():
     recipes = bundled_recipes()
     for family in FAMILIES:
         assert tiny_name(family) in recipes, family
-        assert any(load_recipe(path).objective.name == family
+        assert any(load_recipe(path, checkpoint=False).objective.name == family
                    for name, path in recipes.items() if "tiny" not in name), family
 
 
@@ -57,9 +58,11 @@ def test_the_engine_imports_no_family():
     assert done.stdout.strip() == "[]"
 
 
-def _batch_of_8(family, cache_dir, real_text):
-    """The family's recipe, objective and one collated batch of 8 real examples."""
-    recipe = tiny(family, "unused", cache_dir, real_text)
+def _batch_of_8(family, cache_dir, real_text, checkpoint=None):
+    """The family's recipe (continuing ``checkpoint`` when given), objective and one
+    collated batch of 8 real examples."""
+    recipe = (tiny(family, "unused", cache_dir, real_text) if checkpoint is None else
+              continued(family, checkpoint, "unused", cache_dir, real_text))
     data = prepare(recipe)
     batch = data.objective.collator(recipe.resolved_phases()[0])(
         IndexedDataset(data.train).__getitems__(list(range(8))))
@@ -90,7 +93,7 @@ def test_one_batch_of_8_equals_two_accumulated_batches_of_4(family, cache_dir, r
 
 
 @pytest.fixture(scope="module")
-def two_processes(cache_dir, real_text, tmp_path_factory) -> Path:
+def two_processes(cache_dir, real_text, tmp_path_factory, trained) -> Path:
     """tests/ddp_step.py run once on two DDP processes (gloo, CPU) for every family: it
     takes one training step on half of a saved batch of 8 each, and evaluates the seed-0
     model on held-out examples. Returns the folder of its outputs."""
@@ -100,13 +103,17 @@ def two_processes(cache_dir, real_text, tmp_path_factory) -> Path:
     for family in FAMILIES:
         _, _, big = _batch_of_8(family, cache_dir, real_text)
         torch.save(big, work / f"{family}-batch.pt")
+    for family in TEXT:  # continued pretraining: the weights of the trained tiny run
+        _, _, big = _batch_of_8(family, cache_dir, real_text, trained(family))
+        torch.save(big, work / f"{family}+init-batch.pt")
     tests = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--standalone", str(tests / "ddp_step.py"), str(cache_dir), str(real_text),
-         str(work), *FAMILIES], capture_output=True, text=True, env=env, timeout=600)
+         str(work), *FAMILIES, *(f"{f}+init={trained(f)}" for f in TEXT)],
+        capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     Accelerator(cpu=True)  # this process's Accelerate state, for the comparisons
     return work
@@ -122,6 +129,19 @@ def test_two_processes_of_4_equal_one_batch_of_8(cache_dir, real_text, two_proce
         recipe, objective, big = _batch_of_8(family, cache_dir, real_text)
         expected = sgd_step(recipe, objective, [big], Accelerator(cpu=True))
         parallel = torch.load(two_processes / f"{family}-ddp.pt", weights_only=True)
+        assert torch.allclose(expected, parallel, atol=1e-6, rtol=0), family
+
+
+def test_a_continued_run_takes_the_same_step_on_two_processes(cache_dir, real_text,
+                                                             two_processes, trained):
+    """model.init_from for every text family: the checkpoint's weights (and any fresh
+    head) are the same on both ranks, so DDP takes one process's step."""
+    from accelerate import Accelerator
+
+    for family in TEXT:
+        recipe, objective, big = _batch_of_8(family, cache_dir, real_text, trained(family))
+        expected = sgd_step(recipe, objective, [big], Accelerator(cpu=True))
+        parallel = torch.load(two_processes / f"{family}+init-ddp.pt", weights_only=True)
         assert torch.allclose(expected, parallel, atol=1e-6, rtol=0), family
 
 

@@ -4,6 +4,8 @@ steps, length-grouped batches, MNLI's two dev sets, `overture finetune` / `glue`
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from helpers import classify_inputs, records, tiny
+from helpers import classify_inputs, prepare, records, tiny
 from overture.cli import main
 from overture.config import load_recipe
 from overture.engine import train
@@ -58,7 +60,7 @@ def test_final_is_the_best_evaluation_and_scores_what_it_logged(inputs, cache_di
 
     run = tmp_path / "best"
     recipe = tiny("classify", run, cache_dir, real_text, "train.max_steps=24",
-                  "train.eval_every=6", "train.eval_batches=1000", "train.lr=3e-3",
+                  "train.eval_every=6", "train.eval_batches=1000", "train.lr=1e-3",
                   "train.save_every=12")
     metrics = finetune(recipe, progress=False)
     evals = records(run, "eval")
@@ -462,3 +464,173 @@ def test_an_option_and_an_override_of_the_same_key_are_refused(inputs, tmp_path,
         assert len(err) == 1 and "set the same key; give it once" in err[0], err
         assert override in err[0]
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- diagnostics
+
+
+def test_each_evaluation_logs_the_training_loss_since_the_one_before_and_the_table_shows_it(
+        inputs, cache_dir, real_text, tmp_path):
+    from overture.finetune.run import epoch_table
+
+    run = tmp_path / "run"
+    recipe = lambda out, *extra: tiny(  # noqa: E731
+        "classify", out, cache_dir, real_text, "train.max_steps=6", "train.log_every=1",
+        "train.eval_every=3", "train.save_every=4", "train.lr=1e-3", *extra)
+    metrics = finetune(recipe(run), progress=False)
+    steps, evals = records(run), records(run, "eval")
+    # batches of 8 examples: every step weighs the same, so the mean of the step losses
+    assert evals[3]["train_loss"] == pytest.approx(np.mean([steps[s]["loss"] for s in (1, 2, 3)]))
+    assert evals[6]["train_loss"] == pytest.approx(np.mean([steps[s]["loss"] for s in (4, 5, 6)]))
+    assert "train_loss" not in evals[0]  # the untrained baseline follows no training
+    # resumed from step 4, the sums of step 4 come back with the checkpoint
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    shutil.rmtree(again / "checkpoints" / "step-000006")
+    shutil.rmtree(again / "final")
+    (again / "metrics.jsonl").write_text("")
+    finetune(recipe(again), progress=False)
+    assert records(again, "eval")[6]["train_loss"] == pytest.approx(evals[6]["train_loss"],
+                                                                    abs=1e-6)
+    # the console table: each evaluation's epoch, step, training loss and dev accuracy
+    per_epoch = recipe(run).steps_per_epoch(metrics["train_examples"], 1)
+    table = epoch_table(metrics).splitlines()
+    assert table[0] == "| epoch | step | train loss | dev accuracy |"
+    assert table[2] == f"| 0.00 | 0 |  | {100 * evals[0]['accuracy']:.1f} |"
+    assert table[4] == (f"| {6 / per_epoch:.2f} | 6 | {evals[6]['train_loss']:.4f} | "
+                        f"{100 * evals[6]['accuracy']:.1f} |")
+    dev = [line.split("\t") for line in (run / "dev_predictions.tsv").read_text().splitlines()[1:]]
+    majority = metrics["majority"]
+    assert table[5] == f"majority class ({majority['label']!r}): accuracy {100 * majority['accuracy']:.1f}"
+    assert table[6] == (f"final/: step {metrics['best_step']}, accuracy "
+                        f"{100 * metrics['dev']['accuracy']:.1f}")
+    # the majority label is the training set's; its score is its share of dev
+    train_labels = [line.split("\t")[1] for line in
+                    (inputs[1] / "SST-2" / "train.tsv").read_text().splitlines()[1:]]
+    label = max(("0", "1"), key=train_labels.count)
+    assert majority["label"] == label
+    assert majority["accuracy"] == pytest.approx(np.mean([d[2] == label for d in dev]))
+
+
+def test_the_collapse_warning_fires_on_a_constant_predictor_and_not_otherwise(
+        inputs, cache_dir, real_text, tmp_path, monkeypatch, caplog):
+    import overture.finetune.run as run_module
+    from overture.finetune.run import one_class
+
+    task = GLUE["sst2"]
+    assert one_class(task, np.zeros(7, int)) == "0" and one_class(task, np.ones(7, int)) == "1"
+    assert one_class(task, np.array([0, 1, 1])) is None
+    assert one_class(task, np.array([1])) is None  # one example is no evidence
+    assert one_class(GLUE["stsb"], np.full(5, 2.5)) is None  # regression: no classes
+
+    def run(name):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="overture.finetune.run"):
+            metrics = finetune(tiny("classify", tmp_path / name, cache_dir, real_text,
+                                    "train.max_steps=120", "train.lr=1e-3",
+                                    "data.max_seq_len=32"), progress=False)
+        return metrics, [r.getMessage() for r in caplog.records if "one class" in r.getMessage()]
+
+    metrics, warned = run("learns")
+    predicted = {line.split("\t")[3] for line in
+                 (tmp_path / "learns" / "dev_predictions.tsv").read_text().splitlines()[1:]}
+    assert len(predicted) == 2 and metrics["collapsed_to"] is None and warned == []
+    # the same run whose classifier then says "1" for everything
+    real = run_module._predict
+
+    def constant(*args):
+        predictions, references, splits = real(*args)
+        return np.ones_like(predictions), references, splits
+
+    monkeypatch.setattr(run_module, "_predict", constant)
+    metrics, warned = run("constant")
+    assert metrics["collapsed_to"] == "1"
+    assert warned == [f"sst2: every dev prediction is class '1', so the model predicts one class "
+                      f"only (the majority-class baseline scores "
+                      f"{100 * metrics['majority']['score']:.1f}); try other learning rates: "
+                      "overture glue --grid train.lr=2e-5,5e-5,1e-4"]
+    saved = json.loads((tmp_path / "constant" / "metrics.json").read_text())
+    assert saved["collapsed_to"] == "1"
+
+
+def test_fine_tuning_logs_the_flops_of_its_examples(inputs, cache_dir, real_text, tmp_path):
+    from transformers import AutoConfig
+
+    run = tmp_path / "run"
+    recipe = tiny("classify", run, cache_dir, real_text, "train.max_steps=4", "train.log_every=2")
+    train(recipe, progress=False)
+    data = prepare(recipe)
+    lengths = np.asarray(data.train["length"], dtype=float)
+    c = AutoConfig.from_pretrained(inputs[0])
+    L, H, inner = c.num_hidden_layers, c.hidden_size, c.intermediate_size
+    # 6 x the layers' weights per token, and attention over each example's own length
+    per_example = (6 * L * (4 * H * H + 2 * H * inner) * lengths.mean()
+                   + 12 * L * H * (lengths ** 2).mean())
+    for record in records(run).values():
+        assert record["tflops"] == pytest.approx(
+            per_example * record["examples_per_s"] / 1e12, rel=1e-9)
+        assert record["tflops"] > 0
+
+
+def test_the_grid_picks_the_point_with_the_best_mean_over_seeds(inputs, cache_dir, tmp_path,
+                                                              capsys):
+    from overture.finetune.run import glue_table
+
+    # the best single run is at point a, the best mean at point b: b is chosen
+    def result(score, seed):
+        return {"task": "rte", "seed": seed, "dev": {"accuracy": score, "score": score},
+                "majority": {"accuracy": 0.5, "score": 0.5, "label": "entailment"}}
+
+    table = glue_table({"rte": {"train.lr=1e-3": [result(0.90, 42), result(0.50, 43)],
+                                "train.lr=1e-4": [result(0.75, 42), result(0.74, 43)]}})
+    assert table["tasks"]["rte"]["point"] == "train.lr=1e-4"
+    assert table["tasks"]["rte"]["metrics"]["accuracy"]["values"] == [0.75, 0.74]
+    assert table["tasks"]["rte"]["grid"]["train.lr=1e-3"]["score"]["mean"] == pytest.approx(0.7)
+
+    # a real grid on the toy task: an lr that cannot move the weights against one that learns
+    checkpoint, glue = inputs
+    out = tmp_path / "G"
+    assert main(["glue", "--checkpoint", str(checkpoint), "--tasks", "sst2", "--seeds", "2",
+                 "--data-dir", str(glue), "--output-dir", str(out), f"data.cache_dir={cache_dir}",
+                 "--grid", "train.lr=1e-9,1e-3", "train.max_steps=120",
+                 "train.interval_unit=steps", "train.eval_every=0", "train.save_every=0",
+                 "data.max_seq_len=32", "train.batch_size=8"]) == 0
+    table = json.loads((out / "glue.json").read_text())["tasks"]["sst2"]
+    means = {p: g["score"]["mean"] for p, g in table["grid"].items()}
+    assert set(means) == {"train.lr=1e-9", "train.lr=1e-3"}
+    assert means["train.lr=1e-3"] > means["train.lr=1e-9"] + 0.05
+    assert table["point"] == "train.lr=1e-3" and table["seed_list"] == [42, 43]
+    runs = [json.loads((out / "sst2" / "train.lr=1e-3" / f"seed-{s}" / "metrics.json").read_text())
+            for s in (42, 43)]
+    assert [r["lr"] for r in runs] == [1e-3, 1e-3] and runs[0]["point"] == {"train.lr": "1e-3"}
+    assert table["metrics"]["score"]["values"] == [r["dev"]["score"] for r in runs]
+    markdown = (out / "glue.md").read_text()
+    mean, std = table["metrics"]["accuracy"]["mean"], table["metrics"]["accuracy"]["std"]
+    majority = 100 * runs[0]["majority"]["accuracy"]
+    assert (f"| sst2 | accuracy | {100 * mean:.1f} ± {100 * std:.1f} | 2 | {majority:.1f} | "
+            "train.lr=1e-3 |") in markdown
+    assert f"| sst2 | train.lr=1e-3 (chosen) | {100 * mean:.1f} ± {100 * std:.1f} | 2 |" in markdown
+
+
+def test_grid_options_that_cannot_run_are_one_line_errors(inputs, tmp_path, capsys):
+    checkpoint, glue = inputs
+    base = ["glue", "--checkpoint", str(checkpoint), "--data-dir", str(glue), "--tasks", "sst2",
+            "--output-dir", str(tmp_path / "G")]
+    cases = {
+        ("--grid", "train.lr"): "error: --grid 'train.lr': give KEY=V1,V2,... (e.g. --grid "
+                                "train.lr=2e-5,5e-5,1e-4)",
+        ("--grid", "train.lr=1e-4,"): "error: --grid 'train.lr=1e-4,': give KEY=V1,V2,...",
+        ("--grid", "train.lr=1e-4", "--grid", "train.lr=2e-4"):
+            "error: --grid 'train.lr=2e-4': train.lr is already a grid axis",
+        ("--grid", "train.lr=1e-4", "train.lr=3e-4"):
+            "error: --grid 'train.lr=1e-4': train.lr is also set by an override",
+        ("--grid", "output_dir=a,b"): "error: --grid 'output_dir=a,b': each point has its "
+                                      "folder under --output-dir",
+        ("--grid", "train.lrr=1e-4"): "error: command-line override 'train.lrr=1e-4'",
+        ("--grid", "train.epochs=1,2", "train.max_steps=5"): "error: command-line overrides",
+    }
+    for extra, message in cases.items():
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(message), (extra, err)
+    assert not (tmp_path / "G").exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import prepare, records, tiny
+from helpers import continued, prepare, records, tiny
 from overture.checkpoint import latest_checkpoint
 from overture.cli import main
 from overture.config import ConfigError, load_recipe
@@ -328,13 +328,12 @@ def test_init_from_continues_from_a_converted_roberta(tmp_path, cache_dir, real_
     converted = tmp_path / "roberta-long"
     assert main(["convert-long", "--checkpoint", str(source), "--max-length", "256",
                  "--window", "32", "--output", str(converted)]) == 0
-    sizes = ("model.hidden_size=64", "model.num_hidden_layers=2",
-             "model.num_attention_heads=2", "model.intermediate_size=128",
-             "model.max_position_embeddings=256", "model.attention_window=32",
-             f"model.init_from={converted}", "data.max_seq_len=256")
     run = tmp_path / "run"
-    recipe = _recipe(run, cache_dir, real_text, *sizes, "train.max_steps=2",
-                     "train.batch_size=2", "train.log_every=1", "train.save_every=0")
+    recipe = continued("longformer", converted, run, cache_dir, real_text, "train.max_steps=2",
+                       "train.batch_size=2", "train.log_every=1", "train.save_every=0")
+    # the checkpoint's sizes (not the recipe's) and the recipe's window
+    assert (recipe.model.hidden_size, recipe.model.max_position_embeddings,
+            recipe.model.attention_window) == (64, 256, 32)
     data = prepare(recipe)
     assert data.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(converted).get_vocab()
     model = data.objective.build_models()["model"].model
@@ -345,13 +344,9 @@ def test_init_from_continues_from_a_converted_roberta(tmp_path, cache_dir, real_
 
     train(recipe, progress=False)
     assert sorted(records(run)) == [1, 2]
-    # the recipe's sizes must be the checkpoint's
-    wrong = _recipe(tmp_path / "wrong", cache_dir, real_text, *sizes, "model.hidden_size=128")
-    objective = build_objective(wrong)
-    objective.load_tokenizer()
+    # a size of the recipe that disagrees with the checkpoint is refused as it is read
     with pytest.raises(ConfigError, match=r"model.hidden_size=128 but model.init_from=.* has 64"):
-        objective.build_models()
-    missing = _recipe(tmp_path / "gone", cache_dir, real_text, *sizes,
-                      f"model.init_from={tmp_path / 'nowhere'}")
-    with pytest.raises(ConfigError, match="model.init_from=.*no config.json"):
-        build_objective(missing).load_tokenizer()
+        continued("longformer", converted, tmp_path / "wrong", cache_dir, real_text,
+                  "model.hidden_size=128")
+    with pytest.raises(ConfigError, match=r"model.init_from='.*nowhere': no such folder"):
+        continued("longformer", tmp_path / "nowhere", tmp_path / "gone", cache_dir, real_text)

@@ -51,26 +51,40 @@ class CorpusStats:
 class Source:
     """One resolved corpus source."""
 
-    kind: str  # "text" | "jsonl" | "json" (one JSON array) | "csv" | "parquet" | "hub"
-    location: str  # file path, or Hub name[:config]
+    kind: str  # "text" | "jsonl" | "json" (one JSON array) | "csv" | "parquet" | "hub" | "task"
+    location: str  # file path, Hub name[:config], or a task (GLUE name or task YAML)
+    task_dir: str | None = None
+    """For a task: the official GLUE distribution (data.task_dir); None: the Hub."""
 
     def fingerprint(self) -> str:
         """Identity of the source's content: path, size and mtime for files (as make
-        does), the name for Hub datasets."""
+        does), the name for Hub datasets, the task's files for a task."""
         if self.kind == "hub":
             return f"hub:{self.location}"
+        if self.kind == "task":
+            return f"task:{json.dumps(self.task_source().fingerprint())}"
         st = os.stat(self.location)
         return f"{self.kind}:{os.path.realpath(self.location)}:{st.st_size}:{st.st_mtime_ns}"
 
     def size_bytes(self) -> int | None:
-        return None if self.kind == "hub" else os.path.getsize(self.location)
+        return None if self.kind in ("hub", "task") else os.path.getsize(self.location)
+
+    def task_source(self):
+        """The task behind a ``task:`` source (overture.tasks.TaskSource)."""
+        from ..tasks import load_task
+
+        return load_task(self.location, self.task_dir)
 
 
-def resolve_sources(corpus: list[str], cache_dir: Path) -> list[Source]:
-    """Expand the recipe's ``data.corpus`` entries into concrete sources.
+def resolve_sources(corpus: list[str], cache_dir: Path,
+                    task_dir: str | None = None) -> list[Source]:
+    """Expand the recipe's ``data.corpus`` entries into concrete sources; ``task:NAME``
+    (a GLUE task, its files under ``task_dir``, or a task YAML) is the task's training
+    text.
 
     Raises ConfigError naming the entry when a path or glob matches nothing, when a path
-    is a directory, and when a file that should hold text looks binary.
+    is a directory, when a file that should hold text looks binary, and when a task is
+    unknown or its training file missing.
     """
     sources: list[Source] = []
     for entry in corpus:
@@ -78,6 +92,14 @@ def resolve_sources(corpus: list[str], cache_dir: Path) -> list[Source]:
             sources.append(Source("text", str(default_corpus_path(cache_dir))))
         elif entry.startswith("hf:"):
             sources.append(Source("hub", entry[3:]))
+        elif entry.startswith("task:"):
+            source = Source("task", entry[5:], task_dir)
+            task = source.task_source()
+            train = task.task.split("train")
+            if not task.has(train):
+                raise ConfigError(f"data.corpus: {entry!r}: {task.path(train)} not found "
+                                  f"(data.task_dir={task_dir!r})")
+            sources.append(source)
         else:
             path = os.path.expanduser(entry)
             if not glob.has_magic(path) and os.path.isdir(path):
@@ -125,7 +147,10 @@ def iter_documents(source: Source, text_column: str, hf_split: str,
         yield from _iter_text_file(source.location, stats)
         return
     readers = {"jsonl": _iter_jsonl, "csv": _iter_csv}
-    if source.kind in readers:
+    if source.kind == "task":  # each training example a document, its texts its lines
+        task = source.task_source()
+        rows = ("\n".join(texts) for texts in task.read(task.task.split("train")).texts)
+    elif source.kind in readers:
         rows = readers[source.kind](source.location, text_column, stats)
     else:
         rows = _iter_rows(source, text_column, hf_split)

@@ -31,9 +31,10 @@ from .corpus import CorpusStats, corpus_fingerprint, iter_documents, resolve_sou
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Part of every cache key: bumped when the same settings give other examples (3: special
-tokens written in the text are encoded as text; every maskable row gets an MLM target)."""
+tokens written in the text are encoded as text; every maskable row gets an MLM target;
+4: a loaded tokenizer's own padding / truncation settings are not applied)."""
 
 
 class ExampleBuilder(Protocol):
@@ -70,8 +71,9 @@ def prepare_examples(builder: ExampleBuilder, data: DataConfig,
     import datasets
 
     cache = data.resolved_cache_dir
-    sources = resolve_sources(data.corpus, cache)
-    eval_sources = resolve_sources(data.eval_corpus, cache) if data.eval_corpus else []
+    sources = resolve_sources(data.corpus, cache, data.task_dir)
+    eval_sources = (resolve_sources(data.eval_corpus, cache, data.task_dir)
+                    if data.eval_corpus else [])
     key = {
         "format": FORMAT_VERSION, "corpus": corpus_fingerprint(sources),
         "eval_corpus": corpus_fingerprint(eval_sources) if eval_sources else None,

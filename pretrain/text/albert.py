@@ -4,7 +4,8 @@ p(n) ∝ 1/n), on transformers' AlbertForPreTraining with a Unigram vocabulary."
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import ClassVar
 
 from ...config import Phase, positive
 from ...data.tokenizer import TokenizerSpec
@@ -27,6 +28,9 @@ class AlbertModelConfig(EncoderConfig):
     classifier_dropout_prob: float = 0.0
     """Dropout before the SOP head: none, as everywhere in ALBERT (Lan et al. 2020 4.7;
     transformers' default is 0.1)."""
+
+    architecture: ClassVar[tuple[str, ...]] = (
+        *EncoderConfig.architecture, "embedding_size", "num_hidden_groups", "inner_group_num")
 
     def validate(self) -> None:
         super().validate()
@@ -68,15 +72,17 @@ class Albert(MaskedLMFamily):
                              sep_id=self.special_id("sep_token"),
                              short_seq_prob=self.recipe.data.short_seq_prob)
 
-    def hf_model(self, vocab_size: int) -> MaskedLMModule:
+    def hf_model(self, vocab_size: int, fresh: bool = True) -> MaskedLMModule:
         from transformers import AlbertConfig, AlbertForPreTraining
 
         config = AlbertConfig(vocab_size=vocab_size, pad_token_id=self.special_id("pad_token"),
                               bos_token_id=self.special_id("cls_token"),
                               eos_token_id=self.special_id("sep_token"),
-                              **asdict(self.recipe.model))
-        return MaskedLMModule(AlbertForPreTraining(config), "albert", "predictions",
-                              "sop_classifier", "sop")
+                              **self.recipe.model.hf_settings())
+        model = self.instantiate(AlbertForPreTraining, config, {
+            "predictions": "the MLM head", "sop_classifier": "the SOP head",
+            "albert.pooler": "the pooler under the SOP head"}, fresh)
+        return MaskedLMModule(model, "albert", "predictions", "sop_classifier", "sop")
 
     def flops_per_unit(self, phase: Phase) -> float:
         m = self.recipe.model  # + the E x H projection of every token

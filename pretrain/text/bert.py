@@ -3,7 +3,7 @@ prediction, on transformers' BertForPreTraining with a WordPiece vocabulary."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ...config import Phase
 from ...data.tokenizer import TokenizerSpec
@@ -52,12 +52,17 @@ class Bert(MaskedLMFamily):
                                  short_seq_prob=self.recipe.data.short_seq_prob)
         return PackedSentences(**settings, cross_documents=True)
 
-    def hf_model(self, vocab_size: int) -> MaskedLMModule:
+    def hf_model(self, vocab_size: int, fresh: bool = True) -> MaskedLMModule:
         from transformers import BertConfig, BertForMaskedLM, BertForPreTraining
 
         config = BertConfig(vocab_size=vocab_size, pad_token_id=self.special_id("pad_token"),
-                            **asdict(self.recipe.model))
+                            **self.recipe.model.hf_settings())
+        mlm = {"cls.predictions": "the MLM head"}
         if self.sentence_task:
-            return MaskedLMModule(BertForPreTraining(config), "bert", "cls.predictions",
-                                  "cls.seq_relationship", "nsp")
-        return MaskedLMModule(BertForMaskedLM(config), "bert", "cls.predictions")
+            model = self.instantiate(BertForPreTraining, config, {
+                **mlm, "cls.seq_relationship": "the NSP head",
+                "bert.pooler": "the pooler under the NSP head"}, fresh)
+            return MaskedLMModule(model, "bert", "cls.predictions", "cls.seq_relationship",
+                                  "nsp")
+        model = self.instantiate(BertForMaskedLM, config, mlm, fresh)
+        return MaskedLMModule(model, "bert", "cls.predictions")

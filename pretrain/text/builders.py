@@ -97,6 +97,10 @@ class TextBuilder:
         from tokenizers import Tokenizer
 
         self._tokenizer = Tokenizer.from_str(_text_only(self.tokenizer_json))
+        # a saved tokenizer may pad and cut every encoding to a fixed length (those of
+        # sentence-transformers: 128): lines are encoded whole here, examples cut later
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
         # "[SEP]", "<s>", "<|endoftext|>" ... written in the corpus are text: encoded as
         # their characters, never as the special ids that frame an example.
         self._tokenizer.encode_special_tokens = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import ClassVar
@@ -41,6 +42,33 @@ class TextFamily:
         self.tokenizer = None
         self.heads: tuple[str, ...] = (self.lm_head,)
 
+    # ------------------------------------------------------------------ model.init_from
+    @classmethod
+    def continue_from(cls, raw: dict, where) -> dict:
+        """The raw recipe completed from its ``model.init_from`` checkpoint (its sizes and
+        tokenizer; overture.pretrain.text.continued)."""
+        from .continued import continue_from
+
+        return continue_from(cls, raw, where)
+
+    @classmethod
+    def checkpoint_values(cls, config) -> dict:
+        """The ``model:`` section's values that a transformers config of this family
+        holds, under the section's names (the attention kernel is the recipe's)."""
+        names = {f.name for f in dataclasses.fields(cls.model_config)} - {
+            "init_from", "attn_implementation"}
+        return {k: getattr(config, k) for k in names if hasattr(config, k)}
+
+    def instantiate(self, model_class, config, heads: dict[str, str], fresh: bool):
+        """``model_class(config)`` for a fresh model (``fresh``, or no model.init_from);
+        else model.init_from's weights in ``model_class``, with ``heads`` (attribute path
+        -> name) created fresh where the checkpoint has none."""
+        if fresh or not getattr(self.recipe.model, "init_from", None):
+            return model_class(config)
+        from .continued import load_weights
+
+        return load_weights(self, model_class, heads)
+
     def prepare(self, phase: Phase, progress: bool = True) -> PreparedData:
         """Cached examples for ``phase`` (the tokenizer trained or loaded on first call)."""
         self.load_tokenizer()
@@ -50,7 +78,7 @@ class TextFamily:
         """The tokenizer: trained on the corpus (cached) or loaded, once."""
         if self.tokenizer is None:
             data = self.recipe.data
-            sources = resolve_sources(data.corpus, data.resolved_cache_dir)
+            sources = resolve_sources(data.corpus, data.resolved_cache_dir, data.task_dir)
             self.tokenizer = load_or_train_tokenizer(self.recipe.tokenizer, data, sources,
                                                      self.tokenizer_spec)
         return self.tokenizer

@@ -5,6 +5,7 @@ cut into full blocks (no padding), labels = inputs (the model predicts the next 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,19 @@ class GptModelConfig:
     """Std of the normal weight initialisation."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa (torch scaled_dot_product_attention) or eager."""
+    init_from: str | None = None
+    """Continue pretraining from a GPT-2 checkpoint: an overture final/ (or the run folder
+    holding it), a transformers folder or a Hub name (gpt2). Its config sets the sizes (a
+    recipe size that disagrees is refused) and its tokenizer is used as it is; dropout
+    and attention kernel stay the recipe's."""
+
+    architecture: ClassVar[tuple[str, ...]] = ("n_embd", "n_layer", "n_head", "n_inner",
+                                               "n_positions")
+    """Keys that a checkpoint's config fixes (model.init_from)."""
+
+    def hf_settings(self) -> dict:
+        """The section as GPT2Config keyword arguments."""
+        return {k: v for k, v in vars(self).items() if k != "init_from"}
 
     def validate(self) -> None:
         positive(self, "model", "n_embd", "n_layer", "n_head", "n_positions")
@@ -129,8 +143,10 @@ class Gpt(TextFamily):
         eot = self.special_id("eos_token")
         m = self.recipe.model
         config = GPT2Config(vocab_size=vocab_size or len(self.tokenizer),
-                            bos_token_id=eot, eos_token_id=eot, **vars(m))
-        return {"model": CausalLMModule(GPT2LMHeadModel(config))}
+                            bos_token_id=eot, eos_token_id=eot, **m.hf_settings())
+        model = self.instantiate(GPT2LMHeadModel, config, {"lm_head": "the LM head"},
+                                 fresh=vocab_size is not None)
+        return {"model": CausalLMModule(model)}
 
     def updates(self) -> list[Update]:
         return [Update("model", ("model",), ("lm",))]

@@ -21,15 +21,13 @@ paper does: weights and (unless ``tokenizer.name_or_path`` says otherwise) token
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from ...config import ConfigError, Phase, choice, fraction, positive
-from ...data.tokenizer import load_or_train_tokenizer
 from .common import transformer_flops_per_token
 from .masking import IGNORE_INDEX
 from .mlm import MaskedLMCollator, MaskedLMModule
@@ -69,6 +67,12 @@ class LongformerModelConfig:
     """Std of the truncated-normal weight initialisation."""
     layer_norm_eps: float = 1e-5
     """LayerNorm epsilon (RoBERTa / allenai Longformer: 1e-5)."""
+
+    architecture: ClassVar[tuple[str, ...]] = (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+        "max_position_embeddings", "layer_norm_eps")
+    """Keys that model.init_from's config fixes; window, dilation and dropout are the
+    recipe's."""
     init_from: str | None = None
     """A LongformerForMaskedLM folder (e.g. from `overture convert-long`) whose weights
     start training; its tokenizer too unless tokenizer.name_or_path is set. The sizes
@@ -172,9 +176,6 @@ class LongformerModule(MaskedLMModule):
                 "mlm_correct": (logits.argmax(-1) == targets).sum()}
 
 
-# sizes (same names in the recipe and in config.json) that shape weights: must agree
-_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-
 
 class Longformer(Roberta):
     """Longformer: RoBERTa's data and masking on long packed inputs, local + global
@@ -193,25 +194,6 @@ class Longformer(Roberta):
     objective_config = LongformerObjectiveConfig
     auto_class = "AutoModelForMaskedLM"
 
-    # ------------------------------------------------------------------ tokenizer
-    def load_tokenizer(self):
-        """RoBERTa's trained byte-level BPE, or model.init_from's tokenizer."""
-        if self.tokenizer is None and self.recipe.model.init_from:
-            cfg = self.recipe.tokenizer
-            if not cfg.name_or_path:
-                cfg = replace(cfg, name_or_path=self._init_folder())
-            self.tokenizer = load_or_train_tokenizer(cfg, self.recipe.data, [],
-                                                     self.tokenizer_spec)
-        return super().load_tokenizer()
-
-    def _init_folder(self) -> str:
-        folder = Path(self.recipe.model.init_from).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"model.init_from={self.recipe.model.init_from!r}: no "
-                              "config.json there; give a LongformerForMaskedLM folder "
-                              "(`overture convert-long` makes one from BERT / RoBERTa)")
-        return str(folder)
-
     # ------------------------------------------------------------------ data
     def collator(self, phase: Phase) -> LongformerCollator:
         tok = self.tokenizer
@@ -222,7 +204,7 @@ class Longformer(Roberta):
                                   global_first=self.recipe.objective.global_attention == "first")
 
     # ------------------------------------------------------------------ model
-    def hf_model(self, vocab_size: int) -> LongformerModule:
+    def hf_model(self, vocab_size: int, fresh: bool = True) -> LongformerModule:
         from transformers import LongformerConfig, LongformerForMaskedLM
 
         m = self.recipe.model
@@ -246,32 +228,16 @@ class Longformer(Roberta):
         return {"model": self._from_checkpoint()}
 
     def _from_checkpoint(self) -> LongformerModule:
-        """model.init_from's weights, checked against the recipe's sizes; the window and
-        dropout are the recipe's (they shape no weight)."""
+        """model.init_from's weights (the recipe's sizes are its own: overture.pretrain.
+        text.continued), with the recipe's window, dilation and dropout."""
         from transformers import LongformerConfig, LongformerForMaskedLM
 
-        m, folder = self.recipe.model, self._init_folder()
-        where = f"model.init_from={m.init_from!r}"
-        try:
-            config = LongformerConfig.from_pretrained(folder)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"{where}: not a Longformer config ({err})") from None
-        if config.model_type != "longformer":
-            raise ConfigError(f"{where} holds a {config.model_type!r} model; convert it "
-                              "first: overture convert-long --checkpoint DIR --output DIR")
-        tokens = config.max_position_embeddings - config.pad_token_id - 1
-        for key, ours, theirs in [*((k, getattr(m, k), getattr(config, k)) for k in _SHAPE_KEYS),
-                                  ("max_position_embeddings", m.max_position_embeddings, tokens)]:
-            if ours != theirs:
-                raise ConfigError(f"model.{key}={ours} but {where} has {theirs}: make the "
-                                  "recipe's sizes the checkpoint's")
-        if len(self.tokenizer) > config.vocab_size:
-            raise ConfigError(f"{where}: its vocabulary ({config.vocab_size}) is smaller than "
-                              f"the tokenizer's ({len(self.tokenizer)})")
+        m = self.recipe.model
+        config = LongformerConfig.from_pretrained(m.init_from)
         config.attention_window = m.windows
         config.hidden_dropout_prob = m.hidden_dropout_prob
         config.attention_probs_dropout_prob = m.attention_probs_dropout_prob
-        model = LongformerForMaskedLM.from_pretrained(folder, config=config)
+        model = LongformerForMaskedLM.from_pretrained(m.init_from, config=config)
         return LongformerModule(install_attention(model, m.dilations))
 
     def flops_per_unit(self, phase: Phase) -> float:

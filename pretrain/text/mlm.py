@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,21 @@ class EncoderConfig:
     """Std of the truncated-normal weight initialisation."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa (torch scaled_dot_product_attention) or eager."""
+    init_from: str | None = None
+    """Continue pretraining from a checkpoint of this family: an overture final/ (or the
+    run folder holding it), a transformers folder or a Hub name. Its config sets the
+    sizes (a recipe size that disagrees is refused) and its tokenizer is used as it is;
+    dropout and attention kernel stay the recipe's."""
+
+    architecture: ClassVar[tuple[str, ...]] = (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+        "max_position_embeddings")
+    """Keys that a checkpoint's config fixes (model.init_from): the others are training
+    settings the recipe may choose."""
+
+    def hf_settings(self) -> dict:
+        """The section as transformers config keyword arguments."""
+        return {k: v for k, v in asdict(self).items() if k != "init_from"}
 
     def validate(self) -> None:
         positive(self, "model", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -255,11 +271,16 @@ class MaskedLMFamily(TextFamily):
                                 token_types=self.token_types)
 
     # ------------------------------------------------------------------ model
-    def hf_model(self, vocab_size: int) -> MaskedLMModule:
+    def hf_model(self, vocab_size: int, fresh: bool = True) -> MaskedLMModule:
+        """The training module; ``fresh``: new weights even with model.init_from (a size
+        estimate)."""
         raise NotImplementedError
 
     def build_models(self, vocab_size: int | None = None) -> dict[str, nn.Module]:
-        return {"model": self.hf_model(vocab_size or len(self.tokenizer))}
+        """The model: fresh, or model.init_from's weights; ``vocab_size`` given: a size
+        estimate, fresh and before any tokenizer exists."""
+        return {"model": self.hf_model(vocab_size or len(self.tokenizer),
+                                       fresh=vocab_size is not None)}
 
     def updates(self) -> list[Update]:
         return [Update("model", ("model",), self.heads)]

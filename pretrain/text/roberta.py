@@ -8,7 +8,7 @@ pad_id + 1 rows: 514 for 512 tokens with <pad> = 1, as roberta-base's config.jso
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ...config import Phase, choice
 from ...data.tokenizer import TokenizerSpec
@@ -54,13 +54,22 @@ class Roberta(MaskedLMFamily):
             sep_id=self.special_id("sep_token"),
             cross_documents=self.recipe.objective.packing == "full_sentences")
 
-    def hf_model(self, vocab_size: int) -> MaskedLMModule:
+    @classmethod
+    def checkpoint_values(cls, config) -> dict:
+        """As every family's, with the position table counted in tokens (its rows less
+        the padding id and the one before it)."""
+        values = super().checkpoint_values(config)
+        values["max_position_embeddings"] -= config.pad_token_id + 1
+        return values
+
+    def hf_model(self, vocab_size: int, fresh: bool = True) -> MaskedLMModule:
         from transformers import RobertaConfig, RobertaForMaskedLM
 
         pad = self.special_id("pad_token")
-        settings = asdict(self.recipe.model)
+        settings = self.recipe.model.hf_settings()
         settings["max_position_embeddings"] += pad + 1
         config = RobertaConfig(vocab_size=vocab_size, type_vocab_size=1, pad_token_id=pad,
                                bos_token_id=self.special_id("bos_token"),
                                eos_token_id=self.special_id("eos_token"), **settings)
-        return MaskedLMModule(RobertaForMaskedLM(config), "roberta", "lm_head")
+        model = self.instantiate(RobertaForMaskedLM, config, {"lm_head": "the MLM head"}, fresh)
+        return MaskedLMModule(model, "roberta", "lm_head")
