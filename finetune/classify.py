@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 SMALL_WIDTH = 384
 """Hidden sizes up to this need a larger fine-tuning lr than BERT-base's 2e-5."""
+LR_GRID = "overture glue --grid train.lr=2e-5,5e-5,1e-4,3e-4"
+"""The learning rates to try, as the warnings say (BERT's paper tried 2e-5 to 5e-5)."""
 FORMAT_VERSION = 2  # 2: stats count the squared lengths (the FLOPs of attention)
 
 
@@ -313,10 +315,10 @@ class Classify:
         self.shape = (config.num_hidden_layers, hidden,
                       getattr(config, "intermediate_size", None)
                       or getattr(config, "n_inner", None) or 4 * hidden)
-        if hidden <= SMALL_WIDTH and self.recipe.train.lr <= 3e-5:
+        if hidden <= SMALL_WIDTH and self.recipe.train.lr <= 3e-5 and _main_process():
             log.warning("train.lr=%g is BERT-base's; a model %d wide barely moves at it in a "
-                        "few epochs: try 1e-4 or more, or a grid (overture glue --grid "
-                        "train.lr=5e-5,1e-4,3e-4)", self.recipe.train.lr, hidden)
+                        "few epochs: try 1e-4 or more, or a grid: %s", self.recipe.train.lr,
+                        hidden, LR_GRID)
         if self.recipe.model.classifier_dropout is not None:
             config.classifier_dropout = self.recipe.model.classifier_dropout
         if config.pad_token_id is None:  # GPT-style classifiers find the last real token
@@ -407,6 +409,12 @@ class Classify:
         state = {k.removeprefix("model."): v for k, v in state_dicts["model"].items()}
         models["model"].model.save_pretrained(folder, state_dict=state, safe_serialization=True)
         self.load_tokenizer().save_pretrained(folder)
+
+
+def _main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 def refuse_image_checkpoint(checkpoint: str, option: str) -> None:

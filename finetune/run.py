@@ -16,13 +16,16 @@ import numpy as np
 from overture.atomic import write_text_atomic
 from overture.config import ConfigError, Recipe, load_recipe, parse_overrides
 from overture.data.prepare import IndexedDataset
-from overture.finetune.classify import (ClassifierModule, refuse_image_checkpoint,
-                                         score_splits)
+from overture.finetune.classify import (LR_GRID, ClassifierModule,
+                                         refuse_image_checkpoint, score_splits)
 from overture.tasks import GLUE, SCORED, Task, get_task, load_task
 from overture.tasks.metrics import glue_score
 from overture.tasks.submission import prediction_strings, write_submission
 
 BASE_RECIPE = "glue-finetune"
+OPTION_KEYS = {"train.seed": "--seeds", "objective.task": "--tasks",
+               "objective.checkpoint": "--checkpoint", "objective.data_dir": "--data-dir"}
+"""Recipe keys that glue's own options set (a grid over them is refused)."""
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +90,8 @@ def finetune(recipe: Recipe, progress: bool = True, point: dict | None = None) -
     if collapsed is not None:
         log.warning("%s: every dev prediction is class %r, so the model predicts one class "
                     "only (the majority-class baseline scores %.1f); try other learning "
-                    "rates: overture glue --grid train.lr=2e-5,5e-5,1e-4", task.name,
-                    collapsed, 100 * majority["score"] if majority else float("nan"))
+                    "rates: %s", task.name, collapsed,
+                    100 * majority["score"] if majority else float("nan"), LR_GRID)
     metrics = {"task": task.name, "checkpoint": recipe.objective.checkpoint,
                "init": recipe.objective.init, "seed": recipe.train.seed,
                "epochs": recipe.train.epochs, "lr": recipe.train.lr, "best_step": best,
@@ -239,6 +242,9 @@ def parse_grid(items: list[str] | None, overrides: list[str] | None = None) -> l
                               "values in one --grid")
         if key == "output_dir":
             raise ConfigError(f"--grid {item!r}: each point has its folder under --output-dir")
+        if key in OPTION_KEYS:
+            raise ConfigError(f"--grid {item!r}: {key} is set by {OPTION_KEYS[key]}; give a "
+                              "grid of training settings (train.lr, train.epochs, ...)")
         if key in given:
             raise ConfigError(f"--grid {item!r}: {key} is also set by an override; give it "
                               "one way")
@@ -430,6 +436,9 @@ def glue_markdown(table: dict) -> str:
         partial = "" if table["glue_complete"] else (
             f" (over {len(table['glue_tasks'])} of 9 tasks: {', '.join(table['glue_tasks'])})")
         lines.append(f"\nGLUE score: {100 * score:.1f}{partial}")
+    if any(len(e.get("grid", {})) > 1 for e in table["tasks"].values()):
+        lines.append("\nA task's point is chosen on the dev scores it reports, so they are "
+                     "optimistic: compare test scores (submission/) for a fair figure.")
     for name, entry in table["tasks"].items():
         if entry.get("collapsed_seeds"):
             lines.append(f"\n{name}: the model of seed{'s' * (len(entry['collapsed_seeds']) > 1)} "

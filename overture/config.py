@@ -105,9 +105,6 @@ class DataConfig:
     """Seed for pairing, packing, masking (static) and the held-out split."""
 
     def validate(self) -> None:
-        if not self.corpus:
-            raise ConfigError("data.corpus is empty: give at least one file, glob, "
-                              "hf:NAME or 'default'")
         check_seed("data.seed", self.seed)
         positive(self, "data", "max_seq_len", "dupe_factor", "chunk_mb", "eval_max_examples")
         if self.max_seq_len < 8:
@@ -116,6 +113,18 @@ class DataConfig:
         fraction(self, "data", "short_seq_prob", "eval_fraction")
         if self.num_proc < 0:
             raise ConfigError(f"data.num_proc={self.num_proc} must be >= 0 (0 = all cores)")
+        glue_tasks = [c for c in (*self.corpus, *self.eval_corpus) if str(c).startswith("task:")
+                      and not str(c).endswith((".yaml", ".yml"))]
+        for entry in glue_tasks:  # a misspelt task is named now, before any work
+            from .tasks import get_task
+
+            try:
+                get_task(entry[len("task:"):])
+            except KeyError as err:
+                raise ConfigError(f"data.corpus: {entry!r}: {err.args[0]}") from None
+        if self.task_dir is not None and not glue_tasks:
+            raise ConfigError(f"data.task_dir={self.task_dir!r} is read only for a GLUE task "
+                              "source (data.corpus: [task:sst2]); remove it, or add one")
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -345,6 +354,10 @@ class Recipe:
     def validate(self) -> None:
         for section in (self.model, self.tokenizer, self.data, self.objective, self.train):
             section.validate()
+        if (isinstance(self.data, DataConfig) and not self.data.corpus
+                and "data.corpus" not in self.requires):  # a required one is checked at run
+            raise ConfigError("data.corpus is empty: give at least one file, glob, "
+                              "hf:NAME, task:NAME or 'default'")
         for key in self.requires:
             section, _, name = key.partition(".")
             if not hasattr(getattr(self, section, None), name):
@@ -420,7 +433,9 @@ class Recipe:
 
 _REQUIRED_HINTS = {"model.init_from": "give the checkpoint to continue, "
                                        "model.init_from=DIR (an overture final/ or a "
-                                       "transformers folder) or a Hub name"}
+                                       "transformers folder) or a Hub name",
+                   "data.corpus": "give the text to train on, data.corpus=[task:sst2] (a "
+                                  "task's training text) or data.corpus=[FILE or GLOB, ...]"}
 
 
 # --------------------------------------------------------------------------- loading

@@ -279,7 +279,8 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
 
     # ------------------------------------------------------------------ finish
     units.settle()
-    if evaluator.enabled and evaluated_step != state.step:  # forked RNG: no effect below
+    finishing_eval = evaluator.enabled and evaluated_step != state.step
+    if finishing_eval:  # forked RNG: no effect below
         metrics = evaluator.run(state.step, since_eval.train_loss())
         _track_best(metrics, state, cfg, accelerator, recipe, trainer)
     # a run stopped by max_time is not finished: the same command continues it
@@ -287,7 +288,10 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
     # saved again when the last evaluation changed the best-model record, and always for
     # a finished run: a run signalled during its last step saved that step unfinished, and
     # its relaunch must mark it so that a third launch changes nothing
-    if saved_step != state.step or state.finished or (cfg.best_metric and evaluator.enabled):
+    # saved again after a finishing evaluation too: it reported the training loss since the
+    # last one, which the step's in-loop checkpoint still holds (a resume would count twice)
+    if saved_step != state.step or state.finished or finishing_eval or (
+            cfg.best_metric and evaluator.enabled):
         save_checkpoint(accelerator, recipe, state.step, asdict(state))
     if cfg.best_metric and state.best_step >= 0:
         final = publish_best_as_final(accelerator, recipe)

@@ -36,8 +36,10 @@ def read_metrics(run_dir: Path) -> dict[str, dict[int, dict]]:
 
 def _panels(by_split: dict) -> list[tuple[str, str]]:
     """(metric key, title) of every plottable metric the log holds, in a stable order."""
+    # an eval record's train_loss repeats the train records' loss (averaged between
+    # evaluations): the loss panel already draws it
     keys = {k for records in by_split.values() for r in records.values() for k, v in r.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "train_loss"}
     middle = sorted(k for k in keys if k.endswith("_per_s")) + sorted(
         k for k in keys if k.endswith(("_loss", "_accuracy")))
     ordered = [k for k in (*FIRST, *middle, *LAST) if k in keys]

@@ -100,7 +100,9 @@ def test_recipes_lists_the_bundled_recipes(tmp_path):
         if family in ("gan-int-cls", "dfgan"):  # sized by a text encoder not here
             assert mine and all(r[2] == "?" for r in mine)
             continue
-        sized = [r for r in mine if r[0] not in ("tapt", "dapt")]  # continue a checkpoint
+        continuing = ("tapt", "tapt-roberta", "dapt")  # the size of the checkpoint given
+        assert all(r[2] == "ckpt" for r in mine if r[0] in continuing)
+        sized = [r for r in mine if r[0] not in continuing]
         assert sized and all(r[2].endswith("M") and float(r[2][:-1]) > 0 for r in sized)
     assert float(rows["bert-base"][2][:-1]) == pytest.approx(110, abs=1)
     assert float(rows["gpt2-small"][2][:-1]) == pytest.approx(124, abs=1)

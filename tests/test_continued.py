@@ -125,6 +125,18 @@ def test_a_base_encoder_gets_fresh_heads_and_the_log_names_each(source, tmp_path
     # the MLM decoder stays tied to the (loaded) word embeddings
     assert model.cls.predictions.decoder.weight.data_ptr() == \
         model.bert.embeddings.word_embeddings.weight.data_ptr()
+    # the other way: the NSP head and pooler of a full checkpoint, unused by MLM alone,
+    # are named by their modules (not "bert.*", which would read as the whole encoder)
+    caplog.clear()
+    recipe = continued("bert", run, tmp_path / "mlm", cache_dir, real_text, *BASE,
+                       "objective.nsp=false")
+    objective = build_objective(recipe)
+    objective.load_tokenizer()
+    with caplog.at_level(logging.INFO, logger="overture.pretrain.text.continued"):
+        objective.build_models()
+    assert [r.getMessage() for r in caplog.records] == [
+        "model.init_from: bert.pooler.dense.*, cls.seq_relationship.* of the checkpoint not "
+        "used (this objective has no such head)"]
 
 
 def test_sizes_tokenizer_keys_and_architectures_that_disagree_are_refused(
@@ -182,6 +194,13 @@ def test_continued_pretraining_errors_are_one_line_with_exit_2(source, tmp_path,
         ("tapt", f"model.init_from={tmp_path / 'nowhere'}"):
             f"error: model.init_from='{tmp_path / 'nowhere'}': no such folder (nothing was "
             "written)",
+        ("tapt", f"model.init_from={run}"):
+            "error: data.corpus is required by recipe 'tapt': give the text to train on, "
+            "data.corpus=[task:sst2] (a task's training text) or data.corpus=[FILE or GLOB, ...]",
+        ("tapt", f"model.init_from={run}", "data.corpus=[task:sst3]"):
+            "error: command-line override 'data.corpus=[task:sst3]' (recipe ",
+        ("tapt", f"model.init_from={run}", "data.corpus=[a.txt]", "data.task_dir=glue"):
+            "error: command-line override 'data.task_dir=glue' (recipe ",
     }
     for argv, message in cases.items():
         code = main(["pretrain", *argv, f"output_dir={tmp_path / 'out'}",
@@ -189,6 +208,10 @@ def test_continued_pretraining_errors_are_one_line_with_exit_2(source, tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1, (argv, err)
         assert err[0].startswith(message), (argv, err)
+        if "task:sst3" in argv[-1]:
+            assert err[0].endswith("data.corpus: 'task:sst3': unknown task 'sst3' (did you mean "
+                                   "'sst2'?); GLUE tasks: cola, sst2, mrpc, stsb, qqp, mnli, "
+                                   "qnli, rte, wnli, ax, or a custom task's YAML file"), err
         assert not (tmp_path / "out").exists()
 
 
@@ -252,7 +275,8 @@ def test_a_loaded_tokenizers_fixed_padding_and_truncation_do_not_cut_the_corpus(
 def test_continued_pretraining_recipes_list_as_sized_by_their_checkpoint(capsys):
     assert main(["recipes"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
-    for name in ("tapt", "dapt"):
-        assert rows[name][1:3] == ["bert", "ckpt"], rows[name]
+    for name, family in (("tapt", "bert"), ("tapt-roberta", "roberta"), ("dapt", "bert")):
+        assert rows[name][1:3] == [family, "ckpt"], rows[name]
         recipe = load_recipe(name)
-        assert recipe.requires == ["model.init_from"] and recipe.model.init_from is None
+        assert recipe.requires == ["model.init_from", "data.corpus"]
+        assert recipe.model.init_from is None and recipe.data.corpus == []

@@ -548,7 +548,7 @@ def test_the_collapse_warning_fires_on_a_constant_predictor_and_not_otherwise(
     assert warned == [f"sst2: every dev prediction is class '1', so the model predicts one class "
                       f"only (the majority-class baseline scores "
                       f"{100 * metrics['majority']['score']:.1f}); try other learning rates: "
-                      "overture glue --grid train.lr=2e-5,5e-5,1e-4"]
+                      "overture glue --grid train.lr=2e-5,5e-5,1e-4,3e-4"]
     saved = json.loads((tmp_path / "constant" / "metrics.json").read_text())
     assert saved["collapsed_to"] == "1"
 
@@ -626,6 +626,8 @@ def test_grid_options_that_cannot_run_are_one_line_errors(inputs, tmp_path, caps
             "error: --grid 'train.lr=1e-4': train.lr is also set by an override",
         ("--grid", "output_dir=a,b"): "error: --grid 'output_dir=a,b': each point has its "
                                       "folder under --output-dir",
+        ("--grid", "train.seed=1,2"): "error: --grid 'train.seed=1,2': train.seed is set by "
+                                      "--seeds; give a grid of training settings",
         ("--grid", "train.lrr=1e-4"): "error: command-line override 'train.lrr=1e-4'",
         ("--grid", "train.epochs=1,2", "train.max_steps=5"): "error: command-line overrides",
     }
@@ -634,3 +636,55 @@ def test_grid_options_that_cannot_run_are_one_line_errors(inputs, tmp_path, caps
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(message), (extra, err)
     assert not (tmp_path / "G").exists()
+
+
+def test_a_small_model_at_bert_bases_lr_is_warned_with_its_width(inputs, cache_dir, real_text,
+                                                                  caplog):
+    from overture.registry import build_objective
+
+    for lr, warned in (("2e-5", True), ("1e-4", False)):
+        caplog.clear()
+        objective = build_objective(tiny("classify", "unused", cache_dir, real_text,
+                                         f"train.lr={lr}"))
+        with caplog.at_level(logging.WARNING, logger="overture.finetune.classify"):
+            objective.build_models()
+        said = [r.getMessage() for r in caplog.records]
+        assert said == ([f"train.lr={lr.replace('e-5', 'e-05')} is BERT-base's; a model 128 "
+                         "wide barely moves at it in a few epochs: try 1e-4 or more, or a grid: "
+                         "overture glue --grid train.lr=2e-5,5e-5,1e-4,3e-4"] if warned else [])
+
+
+def test_glue_md_names_collapsed_seeds_and_that_a_grid_choice_is_optimistic():
+    from overture.finetune.run import glue_markdown, glue_table
+
+    def result(score, seed, collapsed=None):
+        return {"task": "rte", "seed": seed, "collapsed_to": collapsed,
+                "dev": {"accuracy": score, "score": score},
+                "majority": {"accuracy": 0.527, "score": 0.527, "label": "not_entailment"}}
+
+    one = glue_markdown(glue_table({"rte": {"": [result(0.527, 42, "not_entailment"),
+                                                 result(0.61, 43)]}}))
+    assert "| rte | accuracy | 56.9 ± 5.9 | 2 | 52.7 | — |" in one
+    assert "rte: the model of seed 42 predicts one class only on dev" in one
+    assert "optimistic" not in one  # one point: nothing was chosen
+    grid = glue_markdown(glue_table({"rte": {"train.lr=1e-4": [result(0.6, 42)],
+                                             "train.lr=2e-5": [result(0.5, 42)]}}))
+    assert "A task's point is chosen on the dev scores it reports, so they are optimistic" in grid
+    assert "| rte | train.lr=1e-4 (chosen) | 60.0 | 1 |" in grid
+    assert "| rte | train.lr=2e-5 | 50.0 | 1 |" in grid
+
+
+def test_the_training_loss_of_an_evaluation_is_not_counted_again_after_a_max_time_stop(
+        inputs, cache_dir, real_text, tmp_path):
+    run = tmp_path / "run"
+    settings = ("train.max_steps=6", "train.log_every=1", "train.eval_every=0",
+                "train.best_metric=null", "train.lr=1e-3")
+    # stopped by the clock after its first step: the finishing evaluation reports step 1
+    finetune(tiny("classify", run, cache_dir, real_text, *settings, "train.max_time=1e-9"),
+             progress=False)
+    assert sorted(records(run)) == [1] and sorted(records(run, "eval")) == [1]
+    finetune(tiny("classify", run, cache_dir, real_text, *settings), progress=False)
+    steps, evals = records(run), records(run, "eval")
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    assert evals[1]["train_loss"] == pytest.approx(steps[1]["loss"])
+    assert evals[6]["train_loss"] == pytest.approx(np.mean([steps[s]["loss"] for s in range(2, 7)]))

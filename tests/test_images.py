@@ -745,8 +745,11 @@ def test_random_interpolation_trains_and_evaluates_with_bilinear(tiny_digits):
 def test_report_draws_top1_and_the_data_wait_of_an_image_run(digits_run, tmp_path):
     from overture.report import _panels, read_metrics, write_report
 
-    keys = [key for key, _ in _panels(read_metrics(digits_run))]
+    by_split = read_metrics(digits_run)
+    keys = [key for key, _ in _panels(by_split)]
     assert {"loss", "images_per_s", "top1", "data_wait_fraction"} <= set(keys)
+    # the evaluation's train_loss repeats the train records' loss: no panel of its own
+    assert all("train_loss" in r for r in by_split["eval"].values()) and "train_loss" not in keys
     assert write_report(digits_run, tmp_path / "r.png").stat().st_size > 10_000
 
 

@@ -94,7 +94,10 @@ def resolve_sources(corpus: list[str], cache_dir: Path,
             sources.append(Source("hub", entry[3:]))
         elif entry.startswith("task:"):
             source = Source("task", entry[5:], task_dir)
-            task = source.task_source()
+            try:
+                task = source.task_source()
+            except ConfigError as err:
+                raise ConfigError(f"data.corpus: {entry!r}: {err}") from None
             train = task.task.split("train")
             if not task.has(train):
                 raise ConfigError(f"data.corpus: {entry!r}: {task.path(train)} not found "

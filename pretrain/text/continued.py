@@ -187,7 +187,8 @@ def load_weights(family, model_class, heads: dict[str, str]):
     for prefix, name in heads.items():
         if any(inside(k, prefix) for k in missing):
             log.info("%s: %s (%s.*) is not in the checkpoint: created fresh", KEY, name, prefix)
-    unused = sorted({k.split(".")[0] + ".*" for k in info.get("unexpected_keys") or ()})
+    # by the module holding them: "bert.pooler.dense.*", not "bert.*" (the whole encoder)
+    unused = sorted({k.rsplit(".", 1)[0] + ".*" for k in info.get("unexpected_keys") or ()})
     if unused:
         log.info("%s: %s of the checkpoint not used (this objective has no such head)", KEY,
                  ", ".join(unused))

@@ -16,7 +16,7 @@ number of tokens, the table holds ``max_position_embeddings + pad_id + 1`` rows 
 
 ``model.init_from`` continues pretraining from a LongformerForMaskedLM folder, e.g. a
 RoBERTa made long by ``overture convert-long`` (pretrain/text/convert_long.py), as the
-paper does: weights and (unless ``tokenizer.name_or_path`` says otherwise) tokenizer.
+paper does: its weights, sizes and tokenizer (overture.pretrain.text.continued).
 """
 
 from __future__ import annotations
@@ -74,10 +74,9 @@ class LongformerModelConfig:
     """Keys that model.init_from's config fixes; window, dilation and dropout are the
     recipe's."""
     init_from: str | None = None
-    """A LongformerForMaskedLM folder (e.g. from `overture convert-long`) whose weights
-    start training; its tokenizer too unless tokenizer.name_or_path is set. The sizes
-    above must match it; window, dilation and dropout are taken from here, the rest
-    (layer_norm_eps, token types) from it."""
+    """A LongformerForMaskedLM folder (e.g. from `overture convert-long`) whose weights,
+    sizes and tokenizer start training (a size above that disagrees is refused); window,
+    dilation and dropout are taken from here."""
 
     def validate(self) -> None:
         positive(self, "model", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -220,24 +219,9 @@ class Longformer(Roberta):
             type_vocab_size=1, pad_token_id=pad, bos_token_id=self.special_id("bos_token"),
             eos_token_id=self.special_id("eos_token"),
             sep_token_id=self.special_id("sep_token"))
-        return LongformerModule(install_attention(LongformerForMaskedLM(config), m.dilations))
-
-    def build_models(self, vocab_size: int | None = None):
-        if vocab_size is not None or not self.recipe.model.init_from:
-            return super().build_models(vocab_size)  # fresh (or a size estimate)
-        return {"model": self._from_checkpoint()}
-
-    def _from_checkpoint(self) -> LongformerModule:
-        """model.init_from's weights (the recipe's sizes are its own: overture.pretrain.
-        text.continued), with the recipe's window, dilation and dropout."""
-        from transformers import LongformerConfig, LongformerForMaskedLM
-
-        m = self.recipe.model
-        config = LongformerConfig.from_pretrained(m.init_from)
-        config.attention_window = m.windows
-        config.hidden_dropout_prob = m.hidden_dropout_prob
-        config.attention_probs_dropout_prob = m.attention_probs_dropout_prob
-        model = LongformerForMaskedLM.from_pretrained(m.init_from, config=config)
+        # model.init_from: the checkpoint's weights, with the recipe's window and dropout
+        model = self.instantiate(LongformerForMaskedLM, config, {"lm_head": "the MLM head"},
+                                 fresh)
         return LongformerModule(install_attention(model, m.dilations))
 
     def flops_per_unit(self, phase: Phase) -> float:
