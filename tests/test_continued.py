@@ -280,3 +280,21 @@ def test_continued_pretraining_recipes_list_as_sized_by_their_checkpoint(capsys)
         recipe = load_recipe(name)
         assert recipe.requires == ["model.init_from", "data.corpus"]
         assert recipe.model.init_from is None and recipe.data.corpus == []
+
+
+def test_a_tokenizer_larger_than_the_models_embedding_table_is_refused(source, tmp_path,
+                                                                        cache_dir, real_text):
+    from transformers import AutoTokenizer
+
+    run, _ = source("bert")
+    folder = tmp_path / "grown"
+    shutil.copytree(run / "final", folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    rows = len(tok)
+    tok.add_tokens(["zzqword"])
+    tok.save_pretrained(folder)
+    with pytest.raises(ConfigError) as err:
+        continued("bert", folder, tmp_path / "r", cache_dir, real_text)
+    assert str(err.value) == (f"model.init_from='{folder}': its tokenizer has {rows + 1} tokens "
+                              f"but the model embeds {rows}; save the model and tokenizer "
+                              "together")
