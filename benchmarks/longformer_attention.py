@@ -1,7 +1,7 @@
 """Longformer attention speed and memory, side by side in one process (run by hand, not a test).
 
-    .venv/bin/python benchmarks/longformer_attention.py                       # full table
-    .venv/bin/python benchmarks/longformer_attention.py --lengths 4096 --windows 128 --quick
+    .venv/bin/python -m benchmarks.longformer_attention                       # full table
+    .venv/bin/python -m benchmarks.longformer_attention --lengths 4096 --windows 128 --quick
 
 Forward + backward of ONE attention layer (LongformerSelfAttention incl. its projections;
 hidden 768, 12 heads, batch 1) and of a whole tiny LongformerModel (hidden 256, 4 layers,
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from transformers import LongformerConfig, LongformerModel
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 
+from benchmarks.common import alternate, fmt, record, spread, table
 from overture.pretrain.text.longformer_attention import FastLongformerSelfAttention, install
 
 
@@ -113,7 +114,7 @@ def _time(step, warmup, repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times) if times else 0.0
 
 
 def _peak_mib(step):
@@ -153,34 +154,53 @@ def main(argv=None):
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, load average at start {load}; globals={args.n_global}; "
-          f"median of {args.repeats} after {args.warmup} warm-up; memory = peak tensor memory above the "
+          f"median of {args.repeats} alternating rounds after {args.warmup} warm-up; memory = peak tensor memory above the "
           f"start of one forward+backward (torch.profiler memory timeline)\n", flush=True)
     header = ("| scope | T | w | overture ms | transformers ms | dense SDPA ms | speed-up vs tf "
               "| overture MiB | transformers MiB | dense SDPA MiB | memory vs tf |")
     print(header)
     print("|" + "|".join(["---"] * (header.count("|") - 1)) + "|")
+    results = []
     for scope in args.scopes:
         for length in args.lengths:
             dense = None
             for window in args.windows:
                 row = {}
-                for impl in args.impls:
-                    if impl == "sdpa" and dense is not None:
-                        row[impl] = dense
-                        continue
-                    step = _build(scope, impl, length, window, args.n_global)
-                    ms = _time(step, args.warmup, args.repeats) * 1e3
+                steps = {impl: _build(scope, impl, length, window, args.n_global)
+                         for impl in args.impls if not (impl == "sdpa" and dense is not None)}
+                for step in steps.values():
+                    _time(step, args.warmup, 0)
+                # alternating rounds: one step of each kernel per round, so a slow spell
+                # of the machine hits all; the speed-up of every round is kept
+                times = alternate({impl: lambda step=step: _time(step, 0, 1)
+                                   for impl, step in steps.items()}, args.repeats)
+                for impl, step in steps.items():
                     mib = math.nan if args.no_memory else _peak_mib(step)
-                    row[impl] = (ms, mib)
-                    del step
+                    row[impl] = (statistics.median(times[impl]) * 1e3, mib)
                     if impl == "sdpa":
                         dense = row[impl]
+                if "sdpa" in args.impls and "sdpa" not in row:
+                    row["sdpa"] = dense
+                del steps
+                if {"overture", "transformers"} <= set(times):
+                    rounds = [t / o for t, o in zip(times["transformers"], times["overture"])]
+                    results.append({"scope": scope, "length": length, "window": window,
+                                    "overture_ms": spread([t * 1e3 for t in times["overture"]]),
+                                    "transformers_ms": spread(
+                                        [t * 1e3 for t in times["transformers"]]),
+                                    "speedup": spread(rounds)})
                 nan = (math.nan, math.nan)
                 (o_ms, o_mb), (t_ms, t_mb), (d_ms, d_mb) = (row.get(i, nan) for i in IMPLS)
                 print(f"| {scope} | {length} | {window} | {o_ms:.0f} | {t_ms:.0f} | {d_ms:.0f} | "
                       f"{t_ms / o_ms:.2f}x | {o_mb:.0f} | {t_mb:.0f} | {d_mb:.0f} | {o_mb / t_mb:.2f} |",
                       flush=True)
     print(f"\nload average at end {os.getloadavg() if hasattr(os, 'getloadavg') else None}")
+    if results:
+        print(table(["scope", "T", "w", "speed-up vs transformers, every round: median (min-max)"],
+                    [[r["scope"], r["length"], r["window"], fmt(r["speedup"], 2)]
+                     for r in results]))
+        print(f"recorded in {record('longformer_attention', vars(args), results)}")
+    return results
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ RESUMABLE = {"name", "description", "output_dir", "data.cache_dir", "data.num_pr
                  "max_steps", "epochs", "max_time", "lr", "warmup_steps", "warmup_ratio",
                  "lr_schedule", "max_grad_norm", "batch_size", "gradient_accumulation_steps",
                  "eval_every", "eval_batches", "log_every", "save_every", "interval_unit",
-                 "keep_last", "resume", "report_to", "num_workers", "peak_tflops",
+                 "keep_last", "resume", "report_to", "num_workers", "peak_tflops", "compile",
                  "max_nonfinite_steps", "best_metric", "best_mode",
                  "early_stopping_patience"))}
 RESUMABLE_PHASE = {"steps", "batch_size"}

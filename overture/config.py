@@ -252,8 +252,13 @@ class TrainConfig:
     """Accelerate trackers, e.g. [tensorboard] or [wandb]; metrics.jsonl is always written."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    compile: bool = False
+    """torch.compile every trained model (Inductor): slower first steps while it compiles,
+    then faster ones. Without dropout the losses equal eager's to float rounding; compiled
+    dropout draws its masks from another generator."""
     peak_tflops: float | None = None
-    """Peak TFLOP/s of one device for the MFU estimate (null: known GPUs are looked up)."""
+    """Peak TFLOP/s of one device for the mfu of the records (null: a known GPU's datasheet
+    bf16 figure, else a GEMM measured once per machine and cached: overture/peak.py)."""
     updates: dict[str, UpdateOptions] = field(default_factory=dict)
     """Per-update optimizer settings by update name (a GAN: generator / discriminator lr
     and betas): ``train.updates.generator.lr=1e-4``; unset keys are train's."""

@@ -31,21 +31,13 @@ from .loaders import check_one_batch, micro_batches, train_loader
 from .metrics_log import Interval, MetricsLog, UnitCounter, log_record
 from .objective import Objective, Update
 from .optim import build_optimizer, build_scheduler
+from .peak import run_peak
 from .registry import build_objective, get_family
 from .rundir import claim_run_dir
 from .state import TrainState
 from .stopping import StopSignals, agree_to_stop, count_skips
 
 log = logging.getLogger(__name__)
-
-# Dense bf16/fp16 peak TFLOP/s of known accelerators, for the MFU estimate.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
-               "L4": 121.0, "V100": 125.0, "RTX 4090": 165.0, "A6000": 155.0, "T4": 65.0}
-
-
-
-
-
 
 @dataclass
 class Trainer:
@@ -80,6 +72,8 @@ def setup_trainer(recipe: Recipe, objective: Objective, accelerator) -> Trainer:
     models = objective.build_models()  # same initial weights on every rank
     for module in models.values():  # from_pretrained gives eval mode: no dropout
         module.train()
+        if cfg.compile:  # in place: parameter names, state dicts and hooks stay as they are
+            module.compile()
     set_seed(cfg.seed, device_specific=True)  # but different dropout masks per rank
     for module in objective.frozen_models().values():  # never wrapped, never stepped
         module.requires_grad_(False).eval().to(accelerator.device)
@@ -188,7 +182,10 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
         accelerator.init_trackers(recipe.name, config={
             k: v if isinstance(v, (int, float, str, bool)) else str(v)
             for k, v in flatten(recipe.to_dict()).items()})
-    peak = _peak_tflops(cfg.peak_tflops, accelerator.device)
+    peak = None
+    if is_main:  # only the main process writes records; the others would time GEMMs beside it
+        peak, source = run_peak(cfg.peak_tflops, accelerator.device, cfg.mixed_precision)
+        log.info("mfu is measured against %.3g TFLOP/s per process (%s)", peak, source)
     deadline = time.monotonic() + cfg.max_time * 60 if cfg.max_time else None
     units = UnitCounter(state, accelerator)
     # the training loss since the last evaluation: its record's train_loss
@@ -427,14 +424,6 @@ def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg
             "nonfinite": nonfinite, "scaler_skipped": scaler_skipped}
 
 
-
-
-
-
-
-
-
-
 def _progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -453,15 +442,3 @@ def _logs_above(bar) -> contextlib.ExitStack:
     if not bar.disable and console:
         stack.enter_context(logging_redirect_tqdm())
     return stack
-
-
-def _peak_tflops(configured: float | None, device: torch.device) -> float | None:
-    if configured:
-        return configured
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_TFLOPS.items():
-            if key in name:
-                return value
-    return None
-

@@ -63,26 +63,34 @@ class Encoder:
         import torch
         from tqdm.auto import tqdm
 
+        from .data.prepare import pad_rows
+
         check_arguments(pooling=pooling, batch_size=batch_size)
         layers = [layer] if isinstance(layer, int) else list(layer)
         check_layers(layers, self.model.config)
         texts = [str(t) for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True,
-                                                      max_length=self.max_length)["input_ids"]]
+        # tokenized once, in one call (the fast tokenizer's batch), then padded per batch
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length,
+                                 return_token_type_ids=False)["input_ids"]
+        lengths = np.array([len(ids) for ids in encoded])
         order = np.argsort(lengths, kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         bar = tqdm(total=len(texts), unit="text", disable=not progress)
+        pad = self.tokenizer.pad_token_id
+        hidden_states = layers != [-1]  # every layer's output only when one is asked for
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 index = order[start:start + batch_size]
-                batch = self.tokenizer([texts[i] for i in index], truncation=True,
-                                       max_length=self.max_length, padding=True,
-                                       return_tensors="pt").to(self.device)
-                output = self.model(**batch, output_hidden_states=True)
-                out[index] = self._pool(output, batch["attention_mask"], pooling,
-                                        layers).float().cpu().numpy()
+                # right padding to the longest of the batch (sorted: little padding)
+                ids = pad_rows([encoded[i] for i in index], pad, multiple=1)  # [B, L]
+                mask = (torch.arange(ids.shape[1])[None, :]
+                        < torch.as_tensor(lengths[index])[:, None]).long()
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                output = self.model(input_ids=ids, attention_mask=mask,
+                                    output_hidden_states=hidden_states)
+                out[index] = self._pool(output, mask, pooling, layers).float().cpu().numpy()
                 bar.update(len(index))
         bar.close()
         if normalize:
@@ -97,7 +105,10 @@ class Encoder:
                 raise ConfigError("--pooling=pooler: this model has no pooler; use cls, "
                                   "mean or max")
             return output.pooler_output
-        hidden = torch.stack([output.hidden_states[i] for i in layers]).mean(0)  # [B, L, H]
+        if layers == [-1]:
+            hidden = output.last_hidden_state  # [B, L, H]
+        else:
+            hidden = torch.stack([output.hidden_states[i] for i in layers]).mean(0)
         keep = mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1], 0 at padding
         if pooling == "cls":
             # the first real token (left padding puts it elsewhere)

@@ -54,12 +54,13 @@ def agree_to_stop(deadline: float | None, stop: StopSignals, accelerator) -> tup
     """(out of time, signalled), the same on every process: true everywhere once any
     process passed the deadline or got a signal (processes must stop on the same step,
     or their collectives would not match)."""
-    flags = torch.tensor([float(deadline is not None and time.monotonic() >= deadline),
-                          float(stop.signum is not None)], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(flags, "max")
-        if flags[1] and stop.signum is None:  # another process was signalled
-            stop.signum = signal.SIGTERM
+    late, signalled = deadline is not None and time.monotonic() >= deadline, stop.signum is not None
+    if accelerator.num_processes == 1:  # nothing to agree on: no device copy, no sync
+        return late, signalled
+    flags = accelerator.reduce(torch.tensor([float(late), float(signalled)],
+                                            device=accelerator.device), "max")
+    if flags[1] and stop.signum is None:  # another process was signalled
+        stop.signum = signal.SIGTERM
     return bool(flags[0]), bool(flags[1])
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# measured matmul peaks (overture/peak.py) go to a file of this session, not the user's
+os.environ["OVERTURE_PEAK_FILE"] = os.path.join(tempfile.mkdtemp(prefix="overture-peak-"),
+                                                "peak.json")
 
 
 @pytest.fixture(autouse=True)

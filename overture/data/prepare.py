@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import random
+import sys
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -234,11 +235,13 @@ _WORKER: dict = {}
 
 
 def _init_worker(builder: ExampleBuilder, settings: tuple[int, int], threads: int | None) -> None:
-    import torch
-
     if threads is not None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        torch.set_num_threads(threads)
+        # torch reads this when first imported (a builder drawing static masks imports it;
+        # the others never pay for importing it in every worker)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
     builder.setup()
     _WORKER["builder"], _WORKER["settings"] = builder, settings
 

@@ -24,23 +24,37 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @contextlib.contextmanager
-def seeded(*key: int):
-    """Python's, NumPy's and torch's global generators seeded from ``key`` inside the
-    block, and as they were after it."""
-    seed = int(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]).generate_state(1)[0])
+def restored_generators():
+    """Python's, NumPy's and torch's CPU generators as they were before the block, after
+    it (saved once around a whole batch of ``reseed``: saving them per image cost as
+    much as a tenth of a small model's step)."""
     # the CPU generator alone (torch.manual_seed also seeds every accelerator, slowly):
     # transforms run on the CPU
     cpu = torch.default_generator
     py, npy, pt = random.getstate(), np.random.get_state(), cpu.get_state()
-    random.seed(seed)
-    np.random.seed(seed)
-    cpu.manual_seed(seed)
     try:
         yield
     finally:
         random.setstate(py)
         np.random.set_state(npy)
         cpu.set_state(pt)
+
+
+def reseed(*key: int) -> None:
+    """Python's, NumPy's and torch's CPU generators seeded from ``key``."""
+    seed = int(np.random.SeedSequence([k & 0xFFFFFFFF for k in key]).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded(*key: int):
+    """The three global generators seeded from ``key`` inside the block, and as they
+    were after it."""
+    with restored_generators():
+        reseed(*key)
+        yield
 
 
 @dataclass
@@ -113,8 +127,9 @@ class ImageCollator:
         if self.views == 2:
             return {**self._views(images, indices), "labels": labels}
         out = []
-        for image, index in zip(images, indices):
-            with seeded(self.seed, self.epoch, index):
+        with restored_generators():
+            for image, index in zip(images, indices):
+                reseed(self.seed, self.epoch, index)
                 out.append(self._train(image))
         x = torch.stack(out)
         batch = {"images": x, "labels": labels}
@@ -128,8 +143,9 @@ class ImageCollator:
 
     def _views(self, images, indices) -> dict[str, torch.Tensor]:
         a, b = [], []
-        for image, index in zip(images, indices):
-            with seeded(self.seed, self.epoch, index):
+        with restored_generators():
+            for image, index in zip(images, indices):
+                reseed(self.seed, self.epoch, index)
                 a.append(self._train(image))
                 b.append(self._train(image))
         return {"view_a": self._layout(torch.stack(a)), "view_b": self._layout(torch.stack(b))}

@@ -18,11 +18,11 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 
-from .masking import IGNORE_INDEX, MaskingSpec, mask_tokens
 from .nsp import create_pairs
 from .packing import pack_blocks, pack_sentences
 from .sop import create_sop_pairs
@@ -48,8 +48,11 @@ class StaticMasking:
     random_replace_prob: float
     max_ngram: int
 
-    def spec(self) -> MaskingSpec:
+    def spec(self):
+        """The masking.MaskingSpec of these settings."""
         import torch
+
+        from .masking import MaskingSpec
 
         return MaskingSpec(self.mask_token_id, torch.tensor(self.random_token_ids),
                            self.mlm_probability, self.max_predictions_per_seq,
@@ -73,6 +76,9 @@ class TextBuilder:
     """Match phrases case-insensitively (the tokenizer lowercases)."""
     static_masking: StaticMasking | None = None
     label_column: str | None = field(default=None, init=False)
+    sentences: ClassVar[bool] = True
+    """Whether examples are cut from sentences (pairs, packing); GPT's blocks ignore them,
+    so its lines are not split (the same tokens, less work)."""
 
     # ------------------------------------------------------------------ pipeline protocol
     def schema(self) -> pa.Schema:
@@ -143,8 +149,12 @@ class TextBuilder:
         owners = [d for d, doc in enumerate(docs) for _ in doc]
         encodings = self._tokenizer.encode_batch(lines, add_special_tokens=False)
         out: list[list[list[int]]] = [[] for _ in docs]
+        whole_lines = not self.sentences and self.units == "token"
         for d, line, enc in zip(owners, lines, encodings):
             if not enc.ids:
+                continue
+            if whole_lines:  # one segment per line, never cut: the blocks join them all
+                out[d].append(enc.ids)
                 continue
             values = np.asarray(enc.ids, dtype=np.int64)
             if self.units != "token":
@@ -198,7 +208,10 @@ class TextBuilder:
         return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
 
     def _mask(self, flat, lengths, columns, tag):
+        # torch only here: the preparation workers of unmasked examples never import it
         import torch
+
+        from .masking import IGNORE_INDEX, mask_tokens
 
         width = int(lengths.max()) if len(lengths) else 0
         real = np.arange(width)[None, :] < lengths[:, None]  # [N, W]
@@ -270,6 +283,7 @@ class CausalBlocks(TextBuilder):
     """GPT: documents joined with end-of-text, cut into full blocks of max_seq_len."""
 
     end_of_text_id: int = 0
+    sentences: ClassVar[bool] = False
 
     def piece_length(self) -> int:
         return self.max_seq_len

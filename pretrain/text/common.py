@@ -109,12 +109,14 @@ class TextFamily:
         return batch["attention_mask"].sum()
 
     def summarize(self, sums: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
-        """Loss and accuracy per head, their total as "loss", and the LM perplexity."""
+        """Loss and accuracy (where counted) per head, their total as "loss", and the LM
+        perplexity."""
         out = {}
         for head in self.heads:
             n = max(counts.get(head, 0.0), 1.0)
             out[f"{head}_loss"] = sums[f"{head}_loss_sum"] / n
-            out[f"{head}_accuracy"] = sums[f"{head}_correct"] / n
+            if f"{head}_correct" in sums:  # a full-vocabulary argmax: evaluation only
+                out[f"{head}_accuracy"] = sums[f"{head}_correct"] / n
         out["loss"] = sum(out[f"{h}_loss"] for h in self.heads)
         out["perplexity"] = math.exp(min(out[f"{self.lm_head}_loss"], 50.0))
         return out

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...config import ConfigError, Phase, choice, fraction, positive
@@ -16,6 +15,7 @@ from ...data.tokenizer import TokenizerSpec
 from ...objective import Update
 from .builders import CausalBlocks
 from .common import TextFamily, transformer_flops_per_token
+from .losses import linear_cross_entropy
 
 EOT = "<|endoftext|>"
 
@@ -42,6 +42,10 @@ class GptModelConfig:
     """Dropout on attention probabilities."""
     initializer_range: float = 0.02
     """Std of the normal weight initialisation."""
+    activation_function: str = "gelu_pytorch_tanh"
+    """The feed-forward activation (transformers' ACT2FN names). gelu_pytorch_tanh is
+    GPT-2's gelu_new (the tanh approximation) in one fused kernel: the same function,
+    and on 2 CPU cores a 1.2x faster step than gelu_new's five elementwise operations."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa (torch scaled_dot_product_attention) or eager."""
     init_from: str | None = None
@@ -66,6 +70,9 @@ class GptModelConfig:
             raise ConfigError(f"model.n_embd={self.n_embd} is not divisible by "
                               f"model.n_head={self.n_head}")
         choice(self, "model", "attn_implementation", ("sdpa", "eager"))
+        from transformers.activations import ACT2FN
+
+        choice(self, "model", "activation_function", tuple(ACT2FN))
         fraction(self, "model", "resid_pdrop", "embd_pdrop", "attn_pdrop")
 
     def position_limit(self) -> tuple[str, int]:
@@ -94,7 +101,9 @@ class BlockCollator:
 
 
 class CausalLMModule(nn.Module):
-    """Training view of GPT2LMHeadModel: summed next-token loss over the batch."""
+    """Training view of GPT2LMHeadModel: summed next-token loss over the batch, through
+    the fused LM head + cross-entropy (losses.py); the accuracy, an argmax over the whole
+    vocabulary, is counted at evaluation only."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -103,11 +112,14 @@ class CausalLMModule(nn.Module):
     def forward(self, input_ids, labels, attention_mask=None) -> dict[str, torch.Tensor]:
         hidden = self.model.transformer(input_ids=input_ids).last_hidden_state  # [B, L, H]
         # Position i predicts token i + 1: the last position has no target.
-        logits = self.model.lm_head(hidden[:, :-1])  # [B, L-1, V]
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [B(L-1), H]
         targets = labels[:, 1:].reshape(-1)  # [B(L-1)]
-        logits = logits.reshape(-1, logits.shape[-1])
-        return {"lm_loss_sum": F.cross_entropy(logits.float(), targets, reduction="sum"),
-                "lm_correct": (logits.argmax(-1) == targets).sum()}
+        head = self.model.lm_head  # weight [V, H], tied to the input embeddings
+        loss, correct = linear_cross_entropy(hidden, head.weight, targets, head.bias,
+                                             count_correct=not self.training)
+        if self.training:
+            return {"lm_loss_sum": loss}
+        return {"lm_loss_sum": loss, "lm_correct": correct}
 
 
 class Gpt(TextFamily):

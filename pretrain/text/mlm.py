@@ -203,6 +203,14 @@ class MaskedLMModule(nn.Module):
         self.paths = (encoder, mlm_head, sentence_head)
         self.sentence_task = sentence_task
 
+    def compile(self, *args, **kwargs) -> None:
+        """``train.compile``: the encoder and the heads are compiled one by one; between
+        them, the selection of the masked positions has a data-dependent shape that
+        would break one graph around it."""
+        for path in self.paths:
+            if path:
+                operator.attrgetter(path)(self.model).compile(*args, **kwargs)
+
     def forward(self, input_ids, attention_mask, labels, token_type_ids=None,
                 sentence_label=None) -> dict[str, torch.Tensor]:
         encoder, mlm_head, sentence_head = (operator.attrgetter(p)(self.model) if p else None

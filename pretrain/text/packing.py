@@ -15,6 +15,7 @@ an input's capacity. What does not fill a last input of a window is dropped and 
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 
@@ -44,8 +45,9 @@ def pack_sentences(documents: list[list[list[int]]], capacity: int, separator: i
 def pack_blocks(documents: list[list[list[int]]], block_size: int, end_of_text: int,
                 counts: Counter) -> list[list[int]]:
     """Documents joined by ``end_of_text`` and cut into blocks of exactly ``block_size``."""
-    stream = [t for document in documents
-              for t in [*(t for segment in document for t in segment), end_of_text]]
+    stream = list(itertools.chain.from_iterable(
+        itertools.chain(itertools.chain.from_iterable(document), (end_of_text,))
+        for document in documents))
     full = len(stream) // block_size * block_size
     counts["tokens_dropped"] += len(stream) - full
     return [stream[i:i + block_size] for i in range(0, full, block_size)]

@@ -1,0 +1,49 @@
+"""``python -m benchmarks``: every side-by-side comparison of the performance goals, one
+after the other (never two at once: they would share the cores). Each prints its table
+and appends a JSON record to benchmarks/results/; the tables are summarised at the end.
+
+    .venv/bin/python -m benchmarks                       # the whole suite (about 40 min on 2 cores)
+    .venv/bin/python -m benchmarks --only trainer_pretrain features_vs_st
+    .venv/bin/python -m benchmarks --features-checkpoint runs/all-MiniLM-L6-v2
+
+Run one comparison with its own options: ``python -m benchmarks.NAME --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+# name -> the arguments of the suite's run (each script's --help lists more)
+SUITE = {
+    "trainer_pretrain": ["--family", "bert", "roberta", "gpt", "--size", "128x2", "256x4"],
+    "prepare_vs_map": ["--family", "bert", "gpt", "--size-mb", "20"],
+    "image_vs_loop": [],
+    "longformer_attention": ["--lengths", "4096", "--windows", "64", "128", "256",
+                             "--scopes", "layer", "--no-memory", "--repeats", "5"],
+    "features_vs_st": [],
+}
+FEATURES_CHECKPOINT = Path("runs/all-MiniLM-L6-v2")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(SUITE), default=list(SUITE))
+    parser.add_argument("--features-checkpoint", default=str(FEATURES_CHECKPOINT),
+                        help="the sentence encoder features_vs_st compares on")
+    args = parser.parse_args(argv)
+    for name in args.only:
+        extra = list(SUITE[name])
+        if name == "features_vs_st":
+            if not Path(args.features_checkpoint).is_dir():
+                print(f"\n## {name}: skipped, no checkpoint at {args.features_checkpoint} "
+                      "(--features-checkpoint DIR: a sentence-transformers model folder)")
+                continue
+            extra += ["--checkpoint", args.features_checkpoint]
+        print(f"\n## {name} {' '.join(extra)}", flush=True)
+        importlib.import_module(f"benchmarks.{name}").main(extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Each benchmark script starts and records a result, with a few steps (the benchmarks
+themselves are run by hand: ``python -m benchmarks``; no timing is asserted here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import classify_inputs
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    """Where the benchmark records go; the libraries' log levels, progress bars and
+    warning filters that a benchmark quietens are given back after it."""
+    import logging
+    import warnings
+
+    import transformers
+
+    folder = tmp_path / "results"
+    monkeypatch.setattr("benchmarks.common.RESULTS", folder)
+    monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # given back after
+    names = ("transformers", "datasets", "accelerate", "overture", "timm")
+    levels = {n: logging.getLogger(n).level for n in names}
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        yield folder
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    transformers.logging.set_verbosity(verbosity)
+    if bars:
+        transformers.logging.enable_progress_bar()
+
+
+def _recorded(folder, name: str) -> dict:
+    lines = (folder / f"{name}.jsonl").read_text().splitlines()
+    assert len(lines) == 1
+    line = json.loads(lines[0])
+    assert line["benchmark"] == name and line["machine"]["peak_tflops"] > 0
+    return line
+
+
+def test_trainer_pretrain_compares_both_sides(results, real_text):
+    from benchmarks import trainer_pretrain
+
+    out = trainer_pretrain.main(["--family", "gpt", "bert", "--size", "128x2", "--batch", "4",
+                                 "--seq", "32", "--vocab", "512", "--warmup", "1", "--steps",
+                                 "2", "--repeats", "1", "--corpus", str(real_text)])
+    assert [(r["family"], r["size"]) for r in out] == [("gpt", "128x2"), ("bert", "128x2")]
+    for r in out:
+        assert r["overture"]["median"] > 0 and r["trainer"]["median"] > 0
+        assert r["ratio"] == pytest.approx(r["overture"]["median"] / r["trainer"]["median"])
+        assert 0 < r["overture_mfu"]["median"] < 1
+    assert len(_recorded(results, "trainer_pretrain")["results"]) == 2
+
+
+def test_prepare_vs_map_times_both_sides(results):
+    from benchmarks import prepare_vs_map
+
+    out = prepare_vs_map.main(["--family", "gpt", "--size-mb", "0.2", "--num-proc", "1",
+                               "--repeats", "1"])
+    assert out[0]["overture"]["median"] > 0 and out[0]["map"]["median"] > 0
+    _recorded(results, "prepare_vs_map")
+
+
+def test_image_vs_loop_times_both_sides(results):
+    from benchmarks import image_vs_loop
+
+    out = image_vs_loop.main(["--warmup", "1", "--steps", "2", "--repeats", "1", "--set",
+                              "data.image_size=16", "data.max_train_examples=64",
+                              "train.batch_size=8"])
+    assert out[0]["overture"]["median"] > 0 and out[0]["loop"]["median"] > 0
+    assert 0 <= out[0]["data_wait_fraction"]["median"] <= 1
+    _recorded(results, "image_vs_loop")
+
+
+def test_longformer_attention_reports_every_rounds_speedup(results):
+    from benchmarks import longformer_attention
+
+    out = longformer_attention.main(["--lengths", "256", "--windows", "32", "--scopes",
+                                     "layer", "--no-memory", "--repeats", "2", "--warmup", "0"])
+    assert len(out) == 1 and len(out[0]["speedup"]["runs"]) == 2
+    _recorded(results, "longformer_attention")
+
+
+def test_features_vs_st_agree_and_are_timed(results, cache_dir, real_text):
+    pytest.importorskip("sentence_transformers")
+    from benchmarks import features_vs_st
+
+    checkpoint, _ = classify_inputs(cache_dir, real_text)
+    out = features_vs_st.main(["--checkpoint", str(checkpoint), "--texts", "40",
+                               "--repeats", "1"])
+    assert out[0]["max_abs_difference"] < 1e-5  # the same embeddings
+    assert out[0]["overture"]["median"] > 0 and out[0]["sentence_transformers"]["median"] > 0
+    _recorded(results, "features_vs_st")

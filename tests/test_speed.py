@@ -1,0 +1,168 @@
+"""What the speed work changed must not change what is computed: the fused LM head and
+cross-entropy, GPT's fused activation, train.compile, and the mfu of every record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import prepare, records, tiny
+from overture.data.prepare import IndexedDataset
+from overture.pretrain.text.losses import linear_cross_entropy
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_cross_entropy_equals_cross_entropy_of_the_linear_head(bias):
+    torch.manual_seed(0)
+    n, h, v = 45, 16, 37
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    b = torch.randn(v, requires_grad=True) if bias else None
+    targets = torch.randint(0, v, (n,))
+    targets[::7] = -100  # ignored rows: no loss, no gradient
+    # rows=8: chunks that do not divide the 45 rows
+    loss, correct = linear_cross_entropy(hidden, weight, targets, b, count_correct=True, rows=8)
+    (loss * 3.5).backward()  # the incoming gradient scales every gradient
+    ours = [hidden.grad, weight.grad] + ([b.grad] if bias else [])
+    hidden.grad = weight.grad = None
+    if bias:
+        b.grad = None
+    logits = F.linear(hidden, weight, b)
+    reference = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
+    (reference * 3.5).backward()
+    theirs = [hidden.grad, weight.grad] + ([b.grad] if bias else [])
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    for mine, ref in zip(ours, theirs):
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-6)
+    assert ours[0][::7].abs().sum() == 0 and ours[0][1::7].abs().sum() > 0
+    valid = targets != -100
+    assert correct.item() == ((logits.argmax(-1) == targets) & valid).sum().item()
+    assert linear_cross_entropy(hidden, weight, targets, b, rows=8)[1].item() == 0
+
+
+def test_linear_cross_entropy_without_gradients_computes_the_same_loss():
+    torch.manual_seed(1)
+    hidden, weight = torch.randn(30, 8), torch.randn(50, 8)
+    targets = torch.randint(0, 50, (30,))
+    with torch.no_grad():
+        loss, _ = linear_cross_entropy(hidden, weight, targets, rows=7)
+    reference = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert not loss.requires_grad
+
+
+def _gpt_batch(cache_dir, real_text, *overrides):
+    recipe = tiny("gpt", "unused", cache_dir, real_text, *overrides)
+    data = prepare(recipe)
+    batch = data.objective.collator(recipe.resolved_phases()[0])(
+        IndexedDataset(data.train).__getitems__([0, 1, 2, 3]))
+    return data.objective, batch
+
+
+def test_gpt_training_gradients_equal_transformers_loss_gradients(cache_dir, real_text):
+    from transformers import GPT2LMHeadModel
+
+    objective, batch = _gpt_batch(cache_dir, real_text)
+    module = objective.build_models()["model"].train()  # the tiny recipe has no dropout
+    sums = module(**batch)
+    assert set(sums) == {"lm_loss_sum"}  # no full-vocabulary argmax while training
+    count = objective.target_counts(batch)["lm"]
+    (sums["lm_loss_sum"] / count).backward()
+    ours = {n: p.grad.clone() for n, p in module.named_parameters()}
+    module.zero_grad()
+    GPT2LMHeadModel.forward(module.model, input_ids=batch["input_ids"],
+                            labels=batch["labels"]).loss.backward()
+    for name, param in module.named_parameters():
+        torch.testing.assert_close(ours[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        evaluated = module.eval()(**batch)
+    logits = module.model(input_ids=batch["input_ids"]).logits[:, :-1]
+    expected = (logits.argmax(-1) == batch["labels"][:, 1:]).sum().item()
+    assert evaluated["lm_correct"].item() == expected > 0
+
+
+def test_gpt_default_activation_is_gpt2s_gelu_new_in_one_kernel(cache_dir, real_text):
+    from transformers.activations import ACT2FN
+
+    x = torch.linspace(-6, 6, 10_001)
+    torch.testing.assert_close(ACT2FN["gelu_pytorch_tanh"](x), ACT2FN["gelu_new"](x),
+                               rtol=0, atol=1e-6)
+    objective, _ = _gpt_batch(cache_dir, real_text)
+    assert objective.build_models()["model"].model.config.activation_function == (
+        "gelu_pytorch_tanh")
+    objective, _ = _gpt_batch(cache_dir, real_text, "model.activation_function=gelu_new")
+    assert objective.build_models()["model"].model.config.activation_function == "gelu_new"
+
+
+def test_an_unknown_activation_is_refused_naming_the_key(cache_dir, real_text):
+    from overture.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.activation_function='gelu_fast_please'"):
+        tiny("gpt", "unused", cache_dir, real_text, "model.activation_function=gelu_fast_please")
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_compiled_training_gives_eager_losses(family, tmp_path, cache_dir, real_text):
+    from overture.engine import train
+
+    small = (["model.n_embd=32", "model.n_layer=1", "model.n_head=2"] if family == "gpt" else
+             ["model.hidden_size=32", "model.num_hidden_layers=1",
+              "model.num_attention_heads=2", "model.intermediate_size=64",
+              # compiled dropout draws its masks from another generator
+              "model.hidden_dropout_prob=0", "model.attention_probs_dropout_prob=0"])
+    losses = {}
+    for compiled in (False, True):
+        run = tmp_path / f"compile-{compiled}"
+        train(tiny(family, run, cache_dir, real_text, *small, "train.max_steps=4",
+                   "train.log_every=1", "train.eval_every=0", "train.save_every=0",
+                   "train.batch_size=8", "data.max_seq_len=64", "model.max_position_embeddings=64"
+                   if family == "bert" else "model.n_positions=64",
+                   f"train.compile={str(compiled).lower()}"), progress=False)
+        losses[compiled] = [r["loss"] for r in records(run).values()]
+    assert len(losses[True]) == 4
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)
+    assert losses[True][0] != losses[True][-1]  # it trained
+
+
+def test_every_record_logs_mfu_against_the_cached_peak(tmp_path, cache_dir, real_text,
+                                                       monkeypatch):
+    from overture.engine import train
+    from overture.peak import machine_key
+
+    peak_file = tmp_path / "peak.json"
+    monkeypatch.setenv("OVERTURE_PEAK_FILE", str(peak_file))
+    peak_file.write_text(json.dumps({machine_key(torch.device("cpu"), torch.float32): 0.25}))
+    run = tmp_path / "run"
+    train(tiny("gpt", run, cache_dir, real_text, "train.max_steps=4", "train.log_every=2",
+               "train.eval_every=0", "model.n_embd=32", "model.n_layer=1", "model.n_head=2"),
+          progress=False)
+    logged = list(records(run).values())
+    assert len(logged) == 2
+    for record in logged:
+        assert record["tflops"] > 0
+        assert record["mfu"] == pytest.approx(record["tflops"] / 0.25, rel=1e-9)
+    run = tmp_path / "configured"
+    train(tiny("gpt", run, cache_dir, real_text, "train.max_steps=2", "train.log_every=2",
+               "train.eval_every=0", "model.n_embd=32", "model.n_layer=1", "model.n_head=2",
+               "train.peak_tflops=2.0"), progress=False)
+    record = records(run)[2]
+    assert record["mfu"] == pytest.approx(record["tflops"] / 2.0, rel=1e-9)
+
+
+def test_a_measured_peak_is_cached_and_a_remeasure_keeps_the_higher(tmp_path, monkeypatch):
+    from overture.peak import machine_key, measured_peak
+
+    peak_file = tmp_path / "peak.json"
+    monkeypatch.setenv("OVERTURE_PEAK_FILE", str(peak_file))
+    key = machine_key(torch.device("cpu"), torch.float32)
+    value, source = measured_peak(torch.device("cpu"))
+    assert value > 0.001 and source.startswith("measured float32 GEMM")
+    assert json.loads(peak_file.read_text()) == {key: value}
+    peak_file.write_text(json.dumps({key: 1e6}))  # a higher value is never lowered
+    assert measured_peak(torch.device("cpu"), remeasure=True)[0] == 1e6
+    peak_file.write_text("{torn")  # a damaged file is measured again
+    assert 0 < measured_peak(torch.device("cpu"))[0] < 1e6
