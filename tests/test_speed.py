@@ -166,3 +166,21 @@ def test_a_measured_peak_is_cached_and_a_remeasure_keeps_the_higher(tmp_path, mo
     assert measured_peak(torch.device("cpu"), remeasure=True)[0] == 1e6
     peak_file.write_text("{torn")  # a damaged file is measured again
     assert 0 < measured_peak(torch.device("cpu"))[0] < 1e6
+
+
+def test_linear_cross_entropy_under_bf16_autocast_stays_close_to_fp32():
+    torch.manual_seed(2)
+    hidden = torch.randn(40, 16, requires_grad=True)
+    weight = (torch.randn(64, 16) * 0.5).requires_grad_()
+    targets = torch.randint(0, 64, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = linear_cross_entropy(hidden, weight, targets, rows=16)
+    loss.backward()
+    assert loss.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    ours = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    reference = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=2e-2)
+    for mine, ref in zip(ours, (hidden.grad, weight.grad)):
+        assert (mine - ref).abs().max() <= 0.05 * ref.abs().max()

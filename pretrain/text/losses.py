@@ -20,9 +20,10 @@ IGNORE_INDEX = -100
 
 
 def chunk_rows(vocab: int, device: torch.device) -> int:
-    """Rows per chunk: about 1 M logits on a CPU (its caches), 128 M on a GPU (memory)."""
+    """Rows per chunk: about 1 M logits on a CPU (its caches), 128 M on a GPU (memory),
+    and never fewer than 256 rows (a matmul of fewer rows runs far below the peak)."""
     budget = 2 ** 27 if device.type == "cuda" else 2 ** 20
-    return max(16, budget // max(vocab, 1))
+    return max(256, budget // max(vocab, 1))
 
 
 def _chunked(hidden, weight, bias, targets, rows: int, count_correct: bool,
@@ -57,10 +58,19 @@ def _chunked(hidden, weight, bias, targets, rows: int, count_correct: bool,
         g[torch.arange(len(t), device=g.device), safe] -= 1
         g.mul_(valid[:, None])
         low = g.to(dtype)
+        # written in place (out= / addmm_): a [V, H] temporary per chunk would cost as
+        # much memory traffic as the logits at a large vocabulary
         if grad_hidden is not None:
-            grad_hidden[start:start + rows] = low @ weight.to(dtype)
+            rows_out = grad_hidden[start:start + rows]
+            if rows_out.dtype == dtype:
+                torch.mm(low, weight.to(dtype), out=rows_out)
+            else:
+                rows_out.copy_(low @ weight.to(dtype))
         if grad_weight is not None:
-            grad_weight += low.t() @ h.to(dtype)
+            if dtype == torch.float32:
+                grad_weight.addmm_(low.t(), h.float())
+            else:  # autocast: the product in its dtype, accumulated in fp32
+                grad_weight += low.t() @ h.to(dtype)
         if grad_bias is not None:
             grad_bias += g.sum(0)
     return loss, correct, (grad_hidden, grad_weight, grad_bias)
