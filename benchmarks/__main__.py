@@ -1,6 +1,6 @@
 """``python -m benchmarks``: every side-by-side comparison of the performance goals, one
 after the other (never two at once: they would share the cores). Each prints its table
-and appends a JSON record to benchmarks/results/; the tables are summarised at the end.
+and appends a JSON record to benchmarks/results/ (benchmarks/README.md: the latest).
 
     .venv/bin/python -m benchmarks                       # the whole suite (about 40 min on 2 cores)
     .venv/bin/python -m benchmarks --only trainer_pretrain features_vs_st

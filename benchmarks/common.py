@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -106,8 +107,10 @@ def engine_run(recipe, steps: int, warmup: int, run_dir: Path) -> dict:
 
     unit = get_family(recipe.objective.name).unit
     shutil.rmtree(run_dir, ignore_errors=True)
-    run = dataclasses.replace(recipe, output_dir=str(run_dir),
-                              train=dataclasses.replace(recipe.train, max_steps=warmup + steps))
+    # a record at the last warm-up step: no warm-up (compiling) step is timed
+    log_every = math.gcd(warmup, recipe.train.log_every) or recipe.train.log_every
+    run = dataclasses.replace(recipe, output_dir=str(run_dir), train=dataclasses.replace(
+        recipe.train, max_steps=warmup + steps, log_every=log_every))
     train(run, progress=False)
     records = [r for r in read_records(run_dir / "metrics.jsonl")[0] if r.get("split") == "train"]
     units = seconds = waited = 0.0
@@ -119,7 +122,7 @@ def engine_run(recipe, steps: int, warmup: int, run_dir: Path) -> dict:
             span = (seen - previous) / r[f"{unit}_per_s"]
             units, seconds = units + seen - previous, seconds + span
             waited += r["data_wait_fraction"] * span
-            mfu.append(r.get("mfu", 0.0))
+            mfu.append(r["mfu"])
         previous = seen
     return {"per_s": units / seconds, "mfu": sum(mfu) / len(mfu),
             "data_wait_fraction": waited / seconds}

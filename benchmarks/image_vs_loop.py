@@ -51,7 +51,7 @@ def hand_loop(recipe, objective, steps: int, warmup: int) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   fused=True)
-    done, started = 0, None
+    done, started = 0, time.perf_counter()  # restarted after the warm-up steps
     while done < warmup + steps:
         for images, labels in loader:
             loss = F.cross_entropy(model(images), labels, label_smoothing=obj.label_smoothing)

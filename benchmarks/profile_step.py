@@ -2,8 +2,8 @@
 
 Builds a recipe's objective, data and models exactly as ``overture pretrain`` does (the
 engine's own setup and ``train_step``), runs --warmup steps, then --steps steps under
-torch.profiler, and prints the top operators by self CPU time, the phases of the step
-(data, forward, backward, optimizer) and the host syncs.
+torch.profiler, and prints the units per second and ms per step, the top operators by
+self CPU time and the host syncs (aten::item) per step.
 
     .venv/bin/python -m benchmarks.profile_step gpt-tiny train.batch_size=32
     .venv/bin/python -m benchmarks.profile_step bert-tiny data.max_seq_len=128 --rows 30
@@ -21,7 +21,7 @@ import torch
 from benchmarks.common import quiet
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
                                                          "aten::_local_scalar_dense")]
     for e in syncs:
         print(f"host syncs {e.key}: {e.count / args.steps:.1f} per step")
+    return {"per_s": units / seconds, "ms_per_step": seconds / args.steps * 1e3,
+            "syncs_per_step": {e.key: e.count / args.steps for e in syncs}}
 
 
 if __name__ == "__main__":

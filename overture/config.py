@@ -253,12 +253,14 @@ class TrainConfig:
     num_workers: int = 0
     """DataLoader worker processes."""
     compile: bool = False
-    """torch.compile every trained model (Inductor): slower first steps while it compiles,
-    then faster ones. Without dropout the losses equal eager's to float rounding; compiled
-    dropout draws its masks from another generator."""
+    """torch.compile every trained model (Inductor): slower first steps while it compiles;
+    faster later ones for GPT on CPU, not for every model (measure: benchmarks/). Without
+    dropout the losses equal eager's to float rounding; compiled dropout draws its masks
+    from another generator. Tested on one process."""
     peak_tflops: float | None = None
     """Peak TFLOP/s of one device for the mfu of the records (null: a known GPU's datasheet
-    bf16 figure, else a GEMM measured once per machine and cached: overture/peak.py)."""
+    figure in bf16 / fp16 runs, else a GEMM measured once per machine in the run's dtype
+    and cached: overture/peak.py)."""
     updates: dict[str, UpdateOptions] = field(default_factory=dict)
     """Per-update optimizer settings by update name (a GAN: generator / discriminator lr
     and betas): ``train.updates.generator.lr=1e-4``; unset keys are train's."""
@@ -298,6 +300,9 @@ class TrainConfig:
                      "max_nonfinite_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.peak_tflops is not None and not 0 < self.peak_tflops < float("inf"):
+            raise ConfigError(f"train.peak_tflops={self.peak_tflops} must be a positive "
+                              "number of TFLOP/s (or null: measured)")
         if self.max_time is not None and not 0 < self.max_time < float("inf"):  # NaN too
             raise ConfigError(f"train.max_time={self.max_time} must be a positive finite "
                               "number of minutes")

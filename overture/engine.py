@@ -185,7 +185,10 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
     peak = None
     if is_main:  # only the main process writes records; the others would time GEMMs beside it
         peak, source = run_peak(cfg.peak_tflops, accelerator.device, cfg.mixed_precision)
-        log.info("mfu is measured against %.3g TFLOP/s per process (%s)", peak, source)
+        if peak is None:
+            log.warning("%s", source)
+        else:
+            log.info("mfu is measured against %.3g TFLOP/s per process (%s)", peak, source)
     deadline = time.monotonic() + cfg.max_time * 60 if cfg.max_time else None
     units = UnitCounter(state, accelerator)
     # the training loss since the last evaluation: its record's train_loss

@@ -48,6 +48,12 @@ class Encoder:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     @property
+    def _last(self) -> tuple[int, int]:
+        """The layer indices that mean the model's output (last_hidden_state, after any
+        final norm, as sentence-transformers takes it); the others index hidden_states."""
+        return -1, self.model.config.num_hidden_layers
+
+    @property
     def dim(self) -> int:
         return self.model.config.hidden_size
 
@@ -72,14 +78,17 @@ class Encoder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         # tokenized once, in one call (the fast tokenizer's batch), then padded per batch
-        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length,
-                                 return_token_type_ids=False)["input_ids"]
+        tokenized = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        encoded = tokenized["input_ids"]
+        segments = tokenized.get("token_type_ids")  # a tokenizer may set them for one text
         lengths = np.array([len(ids) for ids in encoded])
         order = np.argsort(lengths, kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         bar = tqdm(total=len(texts), unit="text", disable=not progress)
         pad = self.tokenizer.pad_token_id
-        hidden_states = layers != [-1]  # every layer's output only when one is asked for
+        pad = 0 if pad is None else pad  # padding is masked: any id will do
+        # every layer's output only when a layer other than the last is asked for
+        hidden_states = any(i not in self._last for i in layers)
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 index = order[start:start + batch_size]
@@ -87,9 +96,12 @@ class Encoder:
                 ids = pad_rows([encoded[i] for i in index], pad, multiple=1)  # [B, L]
                 mask = (torch.arange(ids.shape[1])[None, :]
                         < torch.as_tensor(lengths[index])[:, None]).long()
-                ids, mask = ids.to(self.device), mask.to(self.device)
-                output = self.model(input_ids=ids, attention_mask=mask,
-                                    output_hidden_states=hidden_states)
+                inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+                if segments is not None:
+                    inputs["token_type_ids"] = pad_rows([segments[i] for i in index], 0,
+                                                        multiple=1).to(self.device)
+                output = self.model(**inputs, output_hidden_states=hidden_states)
+                mask = inputs["attention_mask"]
                 out[index] = self._pool(output, mask, pooling, layers).float().cpu().numpy()
                 bar.update(len(index))
         bar.close()
@@ -105,13 +117,11 @@ class Encoder:
                 raise ConfigError("--pooling=pooler: this model has no pooler; use cls, "
                                   "mean or max")
             return output.pooler_output
-        if layers == [-1]:
-            hidden = output.last_hidden_state  # [B, L, H]
-        else:
-            hidden = torch.stack([output.hidden_states[i] for i in layers]).mean(0)
+        hidden = torch.stack([output.last_hidden_state if i in self._last
+                              else output.hidden_states[i] for i in layers]).mean(0)  # [B, L, H]
         keep = mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1], 0 at padding
         if pooling == "cls":
-            # the first real token (left padding puts it elsewhere)
+            # the first real token (padding is on the right: position 0)
             first = mask.argmax(dim=1)
             return hidden[torch.arange(len(hidden)), first]
         if pooling == "mean":

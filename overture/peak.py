@@ -1,10 +1,11 @@
 """The device's peak dense-matmul TFLOP/s, the denominator of every run's ``mfu``.
 
-On a known GPU the peak is its datasheet's dense bf16 figure (as MFU is usually quoted).
-Elsewhere (a CPU, an unknown GPU) it is measured: the best of a few large square GEMMs in
+On a known GPU, for a bf16 / fp16 run, the peak is its datasheet's dense figure (as MFU
+is usually quoted). Otherwise (a CPU, an unknown GPU, an fp32 run) it is measured: the best of a few large square GEMMs in
 the training dtype, with the threads this process uses, once per machine; the value is
-kept in ``cache_file()``. Every benchmark run measures again and keeps the higher value,
-so a first measurement taken on a busy machine does not inflate MFU for long.
+kept in ``cache_file()``. Every benchmark run measures again and keeps the higher value;
+a run's log names the file, to delete when a first measurement was taken on a busy
+machine (a low peak inflates MFU).
 ``train.peak_tflops`` wins over both.
 """
 
@@ -42,6 +43,8 @@ def machine_key(device: torch.device, dtype: torch.dtype) -> str:
     """What a measured peak depends on: the processor, the threads, torch and the dtype."""
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
+        if dtype == torch.float32:  # TF32 matmuls are another peak
+            where += f" tf32={torch.backends.cuda.matmul.allow_tf32}"
     else:
         where = f"{platform.processor() or platform.machine()} {cpu_model()}"
         where += f" x{torch.get_num_threads()} threads"
@@ -64,8 +67,11 @@ def measure_gemm_tflops(device: torch.device, dtype: torch.dtype, size: int | No
     """The best TFLOP/s of ``repeats`` square ``size`` x ``size`` matmuls (2·n³ FLOPs
     each) after one warm-up."""
     size = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    # its own generator: the run's global one drives dropout, which must not depend on
+    # whether the peak was cached already
+    generator = torch.Generator(device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     best = float("inf")
     for i in range(repeats + 1):
         _sync(device)
@@ -98,7 +104,7 @@ def measured_peak(device: torch.device, dtype: torch.dtype | None = None,
     cached = _read(path)
     if key in cached and not remeasure:
         return cached[key], f"measured {str(dtype).removeprefix('torch.')} GEMM (cached in {path})"
-    value = measure_gemm_tflops(device, dtype)
+    value = measure_gemm_tflops(device, dtype)  # RuntimeError: the caller's to handle
     cached[key] = max(value, cached.get(key, 0.0))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,10 +125,17 @@ def _read(path: Path) -> dict:
 
 
 def run_peak(configured: float | None, device: torch.device,
-             mixed_precision: str) -> tuple[float, str]:
+             mixed_precision: str) -> tuple[float | None, str]:
     """The peak a run's ``mfu`` is measured against: ``train.peak_tflops`` when given,
-    else ``measured_peak`` in the run's matmul dtype."""
-    if configured:
+    else ``measured_peak`` in the run's matmul dtype; (None, why) when it cannot be
+    measured (the run goes on without ``mfu``)."""
+    if configured is not None:
         return configured, "train.peak_tflops"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    return measured_peak(device, dtype)
+    try:
+        value, source = measured_peak(device, dtype)
+    except RuntimeError as err:  # out of memory beside the models, a dtype without a GEMM
+        return None, f"no mfu: the matmul peak could not be measured ({str(err).splitlines()[0]})"
+    if source.startswith("measured"):
+        source += f"; delete {cache_file()} to measure it again"
+    return value, source

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,8 +19,9 @@ WIKITEXT_VALID = SHARED_DATA / "wikitext-2" / "valid.txt"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # measured matmul peaks (overture/peak.py) go to a file of this session, not the user's
-os.environ["OVERTURE_PEAK_FILE"] = os.path.join(tempfile.mkdtemp(prefix="overture-peak-"),
-                                                "peak.json")
+_PEAK_DIR = tempfile.mkdtemp(prefix="overture-peak-")
+atexit.register(shutil.rmtree, _PEAK_DIR, True)
+os.environ["OVERTURE_PEAK_FILE"] = os.path.join(_PEAK_DIR, "peak.json")
 
 
 @pytest.fixture(autouse=True)

@@ -63,6 +63,7 @@ def test_prepare_vs_map_times_both_sides(results):
     out = prepare_vs_map.main(["--family", "gpt", "--size-mb", "0.2", "--num-proc", "1",
                                "--repeats", "1"])
     assert out[0]["overture"]["median"] > 0 and out[0]["map"]["median"] > 0
+    assert out[0]["ratio"] == pytest.approx(out[0]["overture"]["median"] / out[0]["map"]["median"])
     _recorded(results, "prepare_vs_map")
 
 
@@ -73,6 +74,7 @@ def test_image_vs_loop_times_both_sides(results):
                               "data.image_size=16", "data.max_train_examples=64",
                               "train.batch_size=8"])
     assert out[0]["overture"]["median"] > 0 and out[0]["loop"]["median"] > 0
+    assert out[0]["ratio"] == pytest.approx(out[0]["overture"]["median"] / out[0]["loop"]["median"])
     assert 0 <= out[0]["data_wait_fraction"]["median"] <= 1
     _recorded(results, "image_vs_loop")
 
@@ -83,6 +85,8 @@ def test_longformer_attention_reports_every_rounds_speedup(results):
     out = longformer_attention.main(["--lengths", "256", "--windows", "32", "--scopes",
                                      "layer", "--no-memory", "--repeats", "2", "--warmup", "0"])
     assert len(out) == 1 and len(out[0]["speedup"]["runs"]) == 2
+    rounds = zip(out[0]["transformers_ms"]["runs"], out[0]["overture_ms"]["runs"])
+    assert out[0]["speedup"]["runs"] == pytest.approx([t / o for t, o in rounds])
     _recorded(results, "longformer_attention")
 
 
@@ -93,6 +97,37 @@ def test_features_vs_st_agree_and_are_timed(results, cache_dir, real_text):
     checkpoint, _ = classify_inputs(cache_dir, real_text)
     out = features_vs_st.main(["--checkpoint", str(checkpoint), "--texts", "40",
                                "--repeats", "1"])
-    assert out[0]["max_abs_difference"] < 1e-5  # the same embeddings
-    assert out[0]["overture"]["median"] > 0 and out[0]["sentence_transformers"]["median"] > 0
+    result = out[0]
+    assert result["max_abs_difference"] < 1e-5  # the same embeddings
+    assert result["overture"]["median"] > 0 and result["sentence_transformers"]["median"] > 0
+    assert result["ratio"] == pytest.approx(
+        result["overture"]["median"] / result["sentence_transformers"]["median"])
+    # the work: 2 FLOPs per non-embedding weight per real token, at the median rate
+    from overture.features import load
+
+    encoder = load(checkpoint, device="cpu")
+    weights = sum(p.numel() for n, p in encoder.model.named_parameters()
+                  if "embeddings" not in n)
+    texts = features_vs_st.texts(40)
+    tokens = sum(map(len, encoder.tokenizer(texts, truncation=True)["input_ids"]))
+    assert result["overture_tflops"] == pytest.approx(
+        2 * weights * tokens * result["overture"]["median"] / 40 / 1e12)
     _recorded(results, "features_vs_st")
+
+
+def test_profile_step_reports_the_step_and_its_host_syncs(results, cache_dir, real_text):
+    from benchmarks import profile_step
+
+    out = profile_step.main(["gpt-tiny", f"data.corpus=[{real_text}]",
+                             f"data.cache_dir={cache_dir}", "tokenizer.vocab_size=1024",
+                             "train.batch_size=4", "--warmup", "1", "--steps", "2"])
+    assert out["per_s"] > 0 and out["ms_per_step"] > 0
+    # one parameter-count's worth from CPU fused AdamW plus the non-finite check
+    assert out["syncs_per_step"]["aten::item"] >= 1
+
+
+def test_the_suite_runner_starts_and_says_what_it_skips(results, capsys):
+    from benchmarks.__main__ import main
+
+    main(["--only", "features_vs_st", "--features-checkpoint", "/no/such/model"])
+    assert "features_vs_st: skipped, no checkpoint at /no/such/model" in capsys.readouterr().out

@@ -114,7 +114,10 @@ def test_compiled_training_gives_eager_losses(family, tmp_path, cache_dir, real_
               "model.num_attention_heads=2", "model.intermediate_size=64",
               # compiled dropout draws its masks from another generator
               "model.hidden_dropout_prob=0", "model.attention_probs_dropout_prob=0"])
+    from torch._dynamo.utils import counters
+
     losses = {}
+    graphs = counters["stats"]["unique_graphs"]
     for compiled in (False, True):
         run = tmp_path / f"compile-{compiled}"
         train(tiny(family, run, cache_dir, real_text, *small, "train.max_steps=4",
@@ -123,6 +126,8 @@ def test_compiled_training_gives_eager_losses(family, tmp_path, cache_dir, real_
                    if family == "bert" else "model.n_positions=64",
                    f"train.compile={str(compiled).lower()}"), progress=False)
         losses[compiled] = [r["loss"] for r in records(run).values()]
+    assert counters["stats"]["unique_graphs"] > graphs  # compiled, not run eagerly
+    torch._dynamo.reset()  # no compiled code or cache kept for the tests after this one
     assert len(losses[True]) == 4
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
     assert losses[True][0] != losses[True][-1]  # it trained
@@ -184,3 +189,62 @@ def test_linear_cross_entropy_under_bf16_autocast_stays_close_to_fp32():
     assert loss.item() == pytest.approx(reference.item(), rel=2e-2)
     for mine, ref in zip(ours, (hidden.grad, weight.grad)):
         assert (mine - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_measuring_the_peak_leaves_the_training_generator_alone(tmp_path, monkeypatch):
+    from overture.peak import measured_peak
+
+    monkeypatch.setenv("OVERTURE_PEAK_FILE", str(tmp_path / "peak.json"))
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    measured_peak(torch.device("cpu"))  # nothing cached: it measures
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_peak_that_cannot_be_measured_leaves_the_run_without_mfu(tmp_path, monkeypatch):
+    from overture import peak
+
+    monkeypatch.setenv("OVERTURE_PEAK_FILE", str(tmp_path / "peak.json"))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 256 MiB\nmore detail")
+
+    monkeypatch.setattr(peak, "measure_gemm_tflops", fails)
+    value, why = peak.run_peak(None, torch.device("cpu"), "no")
+    assert value is None and why.endswith("(CUDA out of memory. Tried to allocate 256 MiB)")
+    assert peak.run_peak(2.5, torch.device("cpu"), "no") == (2.5, "train.peak_tflops")
+
+
+@pytest.mark.parametrize("value, shown", [("0", "0.0"), ("-1", "-1.0"), ("nan", "nan")])
+def test_a_peak_that_is_not_positive_is_refused_naming_the_key(value, shown, cache_dir,
+                                                                real_text):
+    from overture.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"train.peak_tflops={shown} must be a positive"):
+        tiny("gpt", "unused", cache_dir, real_text, f"train.peak_tflops={value}")
+
+
+def test_gpt_unfused_head_under_zero3_gives_the_fused_loss(cache_dir, real_text):
+    objective, batch = _gpt_batch(cache_dir, real_text)
+    module = objective.build_models()["model"].train()
+    fused = module(**batch)["lm_loss_sum"]
+    module.fused = False  # what DeepSpeed ZeRO-3 gets
+    unfused = module(**batch)["lm_loss_sum"]
+    assert unfused.item() == pytest.approx(fused.item(), rel=1e-6)
+    module.eval()
+    with torch.no_grad():
+        unfused_correct = module(**batch)["lm_correct"].item()
+        module.fused = True
+        assert module(**batch)["lm_correct"].item() == unfused_correct > 0
+
+
+def test_preparation_workers_import_no_torch_for_unmasked_examples():
+    import subprocess
+    import sys
+
+    # what a spawned worker imports to unpickle a builder and run _init_worker
+    code = ("import sys, overture.data.prepare, overture.pretrain.text.builders; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"

@@ -6,10 +6,11 @@ gradient), a zero-filled [N, V] for the NLL gradient and the two matmuls. Here e
 of rows computes its logits, their log-sum-exp, and at once the gradient of the summed
 loss with respect to them (softmax - one-hot, written over the logits in place), then
 the gradients of the hidden states, W and b. Backward only scales them by the incoming
-gradient. A chunk's logits fit in the CPU's cache (or a bounded slice of GPU memory),
-and the full [N, V] never exists. On 2 CPU cores (N = 4,064 rows, H = 128, forward and
-backward) it took 66 ms where F.cross_entropy over the linear head took 120 at V = 4,096,
-and 126 against 239 at V = 8,192. The idea of Liger-Kernel's fused linear cross-entropy.
+gradient. A chunk's logits stay small (256 rows, or about 1 M logits on a CPU at a small
+vocabulary; 128 M on a GPU), and the full [N, V] never exists. On 2 CPU cores (N = 4,064
+rows, H = 256, forward and backward) it took 116 ms where F.cross_entropy over the linear
+head took 155 at V = 4,096, 540 against 748 at V = 20,573, and 1,820 against 1,885 at
+V = 50,257. The idea of Liger-Kernel's fused linear cross-entropy.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def _chunked(hidden, weight, bias, targets, rows: int, count_correct: bool,
                  if bias is not None and grads[2] else None)
     loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
     correct = torch.zeros((), device=hidden.device, dtype=torch.long)
+    cast = {}  # the weight in the matmul dtype (autocast's), cast once, not per chunk
     for start in range(0, hidden.shape[0], rows):
         h, t = hidden[start:start + rows], targets[start:start + rows]
         logits = h @ weight.t()  # [n, V], in autocast's dtype where it is on
@@ -58,14 +60,17 @@ def _chunked(hidden, weight, bias, targets, rows: int, count_correct: bool,
         g[torch.arange(len(t), device=g.device), safe] -= 1
         g.mul_(valid[:, None])
         low = g.to(dtype)
+        if dtype not in cast:
+            cast[dtype] = weight.to(dtype)
+        w = cast[dtype]
         # written in place (out= / addmm_): a [V, H] temporary per chunk would cost as
         # much memory traffic as the logits at a large vocabulary
         if grad_hidden is not None:
             rows_out = grad_hidden[start:start + rows]
             if rows_out.dtype == dtype:
-                torch.mm(low, weight.to(dtype), out=rows_out)
+                torch.mm(low, w, out=rows_out)
             else:
-                rows_out.copy_(low @ weight.to(dtype))
+                rows_out.copy_(low @ w)
         if grad_weight is not None:
             if dtype == torch.float32:
                 grad_weight.addmm_(low.t(), h.float())
