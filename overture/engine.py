@@ -69,6 +69,8 @@ def setup_trainer(recipe: Recipe, objective: Objective, accelerator) -> Trainer:
     from accelerate.utils import set_seed
 
     cfg = recipe.train
+    if cfg.compile:
+        check_compiler(accelerator.device)
     models = objective.build_models()  # same initial weights on every rank
     for module in models.values():  # from_pretrained gives eval mode: no dropout
         module.train()
@@ -103,6 +105,22 @@ def setup_trainer(recipe: Recipe, objective: Objective, accelerator) -> Trainer:
                     "each micro-batch (of every process), not across the whole step",
                     recipe.objective.name, cfg.gradient_accumulation_steps)
     return Trainer(objective, models, updates, optimizers, schedulers)
+
+
+def check_compiler(device: torch.device) -> None:
+    """``train.compile`` on a CPU: Inductor writes C++ and needs a compiler; refused in
+    one line before any work when it has none (not a traceback at the first step)."""
+    if device.type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as err:  # torch's InvalidCxxCompiler, or the search failing
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"train.compile=true: torch.compile builds C++ for the CPU and "
+                          f"found no compiler ({first}); install g++ (or point env CXX at "
+                          "one), or set train.compile=false") from None
 
 
 def train(recipe: Recipe, progress: bool = True) -> Path:

@@ -248,3 +248,21 @@ def test_preparation_workers_import_no_torch_for_unmasked_examples():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_compile_without_a_cpu_compiler_is_refused_in_one_line(tmp_path, cache_dir, real_text,
+                                                               monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    from overture.config import ConfigError
+    from overture.engine import train
+
+    def none(*args, **kwargs):
+        raise RuntimeError("Failed to find a working compiler\nlong detail")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", none)
+    with pytest.raises(ConfigError, match=r"train.compile=true: .* no compiler \(Failed to find "
+                                          r"a working compiler\); install g\+\+"):
+        train(tiny("gpt", tmp_path / "run", cache_dir, real_text, "train.compile=true",
+                   "train.max_steps=2"), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any step
