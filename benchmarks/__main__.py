@@ -15,6 +15,8 @@ import argparse
 import importlib
 from pathlib import Path
 
+from benchmarks.common import cli
+
 # name -> the arguments of the suite's run (each script's --help lists more)
 SUITE = {
     "trainer_pretrain": ["--family", "bert", "roberta", "gpt", "--size", "128x2", "256x4"],
@@ -46,4 +48,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -126,3 +126,18 @@ def engine_run(recipe, steps: int, warmup: int, run_dir: Path) -> dict:
         previous = seen
     return {"per_s": units / seconds, "mfu": sum(mfu) / len(mfu),
             "data_wait_fraction": waited / seconds}
+
+
+def cli(main: Callable[[], object]) -> None:
+    """Run a benchmark's ``main`` from the command line: a bad input (overture's
+    ConfigError: a missing checkpoint, an unknown recipe key) is one line on stderr and
+    exit 2, as with ``overture``."""
+    import sys
+
+    from overture.errors import ConfigError
+
+    try:
+        main()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -15,7 +15,8 @@ import argparse
 import csv
 import time
 
-from benchmarks.common import SHARED_DATA, alternate, fmt, machine, quiet, record, spread, table
+from benchmarks.common import (SHARED_DATA, alternate, cli, fmt, machine, quiet, record,
+                               spread, table)
 
 
 def texts(count: int) -> list[str]:
@@ -101,4 +102,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

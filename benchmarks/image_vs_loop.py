@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import alternate, engine_run, fmt, machine, quiet, record, spread, table
+from benchmarks.common import (alternate, cli, engine_run, fmt, machine, quiet, record,
+                               spread, table)
 
 
 def hand_loop(recipe, objective, steps: int, warmup: int) -> dict:
@@ -109,4 +110,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

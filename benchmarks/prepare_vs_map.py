@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import SHARED_DATA, alternate, fmt, machine, quiet, record, spread, table
+from benchmarks.common import (SHARED_DATA, alternate, cli, fmt, machine, quiet, record,
+                               spread, table)
 
 RECIPES = {"bert": "bert-base", "roberta": "roberta-base", "gpt": "gpt2-small"}
 
@@ -118,4 +119,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

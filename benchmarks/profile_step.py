@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from benchmarks.common import quiet
+from benchmarks.common import cli, quiet
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    main()
+    cli(main)

@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (SHARED_DATA, alternate, engine_run, fmt, machine, quiet, record,
-                               spread, table)
+from benchmarks.common import (SHARED_DATA, alternate, cli, engine_run, fmt, machine, quiet,
+                               record, spread, table)
 
 SIZES = {"128x2": (128, 2, 2), "256x4": (256, 4, 4), "base": (768, 12, 12)}
 RECIPES = {"bert": "bert-tiny", "roberta": "roberta-tiny", "gpt": "gpt-tiny"}
@@ -92,7 +92,8 @@ def trainer_run(make_model, dataset, collator, cfg, steps: int, warmup: int,
                 out: Path) -> dict:
     """Tokens/s of transformers' Trainer over the steps after ``warmup``."""
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import (PrinterCallback, Trainer, TrainerCallback, TrainingArguments,
+                              set_seed)
 
     counted = {"tokens": 0}
 
@@ -118,8 +119,10 @@ def trainer_run(make_model, dataset, collator, cfg, steps: int, warmup: int,
         max_steps=warmup + steps, save_strategy="no", eval_strategy="no", report_to=[],
         logging_steps=10_000, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
         bf16=cfg.mixed_precision == "bf16", dataloader_num_workers=0, seed=cfg.seed)
-    Trainer(model=make_model(), args=settings, train_dataset=dataset, data_collator=counting,
-            callbacks=[Clock()]).train()
+    trainer = Trainer(model=make_model(), args=settings, train_dataset=dataset,
+                      data_collator=counting, callbacks=[Clock()])
+    trainer.remove_callback(PrinterCallback)  # its dict of totals would break up the table
+    trainer.train()
     (t0, n0), (t1, n1) = marks[warmup], marks[warmup + steps]
     return {"tokens_per_s": (n1 - n0) / (t1 - t0)}
 
@@ -190,4 +193,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

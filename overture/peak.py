@@ -103,7 +103,7 @@ def measured_peak(device: torch.device, dtype: torch.dtype | None = None,
     path = cache_file()
     cached = _read(path)
     if key in cached and not remeasure:
-        return cached[key], f"measured {str(dtype).removeprefix('torch.')} GEMM (cached in {path})"
+        return cached[key], f"measured {str(dtype).removeprefix('torch.')} GEMM, cached"
     value = measure_gemm_tflops(device, dtype)  # RuntimeError: the caller's to handle
     cached[key] = max(value, cached.get(key, 0.0))
     try:
@@ -121,7 +121,9 @@ def _read(path: Path) -> dict:
         return {}
     if not isinstance(data, dict):
         return {}
-    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and v > 0}
+    return {k: float(v) for k, v in data.items()  # a hand-edited 0, -1 or Infinity: measured
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and 0 < v < float("inf")}
 
 
 def run_peak(configured: float | None, device: torch.device,

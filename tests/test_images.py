@@ -935,3 +935,23 @@ def test_probe_refuses_a_seed_outside_0_to_2_32_in_one_line_before_any_work(
     assert not (tmp_path / "cache").exists()
     for edge in (0, 2**32 - 1):  # the ends of the range are seeds numpy and sklearn take
         probe.check_seed("--seed", edge)
+
+
+def test_a_batch_reseeds_each_image_as_seeding_it_alone_would(tiny_digits):
+    # the collator saves the global generators once per batch, not around every image:
+    # each image must still get the pixels of its own (seed, epoch, index) seeding
+    from overture.pretrain.image.data import decode_row
+    from overture.pretrain.image.transforms import seeded
+
+    recipe = tiny_digits.objective.recipe
+    collator = tiny_digits.objective.collator(recipe.resolved_phases()[0])
+    collator.set_epoch(2)
+    indices = [7, 3, 11]
+    batch = collator(_rows(tiny_digits, indices))["images"]
+    rows = tiny_digits.train[indices]
+    for position, index in enumerate(indices):
+        image = decode_row(rows["image"][position], rows["path"][position],
+                           rows["height"][position], rows["width"][position])
+        with seeded(collator.seed, 2, index):
+            alone = collator._train(image)
+        assert torch.equal(batch[position], alone), index

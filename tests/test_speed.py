@@ -266,3 +266,38 @@ def test_compile_without_a_cpu_compiler_is_refused_in_one_line(tmp_path, cache_d
         train(tiny("gpt", tmp_path / "run", cache_dir, real_text, "train.compile=true",
                    "train.max_steps=2"), progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any step
+
+
+def test_gpt_blocks_from_whole_lines_equal_those_from_sentences(cache_dir, real_text):
+    # GPT's builder skips the sentence split (its blocks join everything): the same
+    # examples, so its cache key rightly stays the same
+    from overture.pretrain.text.builders import CausalBlocks
+
+    recipe = tiny("gpt", "unused", cache_dir, real_text)
+    data = prepare(recipe)
+    builder = data.objective.builder(recipe.resolved_phases()[0])
+    builder.setup()
+    docs = [[line for line in chunk.splitlines() if line.strip()]
+            for chunk in real_text.read_text(encoding="utf-8")[:400_000].split("\n \n")]
+    docs = [d for d in docs if d]
+    whole, _ = builder.build(docs, "t", 1)
+    builder.sentences = True  # the split every other text builder does
+    split, _ = builder.build(docs, "t", 1)
+    assert CausalBlocks.sentences is False
+    assert whole[0].num_rows > 50
+    assert whole[0].to_pydict() == split[0].to_pydict()
+
+
+def test_continued_gpt_keeps_its_checkpoints_activation(tmp_path, cache_dir, real_text):
+    from helpers import continued
+    from overture.engine import train
+
+    run = tmp_path / "gelu-new"
+    train(tiny("gpt", run, cache_dir, real_text, "model.n_embd=32", "model.n_layer=1",
+               "model.n_head=2", "model.activation_function=gelu_new", "train.max_steps=1",
+               "train.eval_every=0"), progress=False)
+    recipe = continued("gpt", run, tmp_path / "next", cache_dir, real_text)
+    assert recipe.model.activation_function == "gelu_new"  # not the fresh default
+    explicit = continued("gpt", run, tmp_path / "other", cache_dir, real_text,
+                         "model.activation_function=gelu_pytorch_tanh")
+    assert explicit.model.activation_function == "gelu_pytorch_tanh"  # the user's wins
