@@ -1,7 +1,9 @@
 """Caption consistency of a trained digits GAN by phrasing: the held-out phrasings (what
 evaluation reports) against the training phrasings, for the same held-out images, noise
 and attributes. A large gap says the text encoder does not carry a digit's name from one
-sentence shape to another; a small one says the generator itself misses the digit.
+sentence shape to another; a small one says the generator itself misses the digit. And
+the text encoder alone (final/text_encoder): the share of held-out captions nearest the
+mean embedding of their own digit's training captions.
 
     python benchmarks/gan_phrasings.py runs/gan-int-cls-digits [--seeds 3]
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ def main() -> None:
 
     from overture.config import load_recipe
     from overture.pretrain.gan import captions as cap
-    from overture.pretrain.gan.family import (GENERATOR_FILE, _final, _load,
+    from overture.pretrain.gan.family import (ENCODER_FOLDER, GENERATOR_FILE, _final, _load,
                                               build_generator)
     from overture.pretrain.gan.text import load_encoder
     from overture.registry import build_objective
@@ -38,7 +39,7 @@ def main() -> None:
     _load(generator, final / GENERATOR_FILE, "run")
     judge = objective.frozen_models()["judge"].eval()
     obj = recipe.objective
-    encoder = load_encoder(obj.text_encoder, obj.text_encoder_init, recipe.train.seed)
+    encoder = load_encoder(str(final / ENCODER_FOLDER))  # as trained (or the frozen one)
     labels = objective.labels["eval"]
     attributes = objective.captions.eval_attributes
     results = {}
@@ -63,6 +64,21 @@ def main() -> None:
         results[name] = hits / total
         print(f"{name} phrasings ({len(phrasings)} x {len(labels)} images x {args.seeds} "
               f"noise draws): caption consistency {hits / total:.1%}")
+    # the text encoder alone: is each held-out caption (as evaluation picks it) nearer the
+    # mean of its own digit's training captions than of any other digit's?
+    caps = objective.captions
+    table = objective.standardize(encoder.encode(caps.texts, pooling=obj.text_pooling,
+                                                 layer=obj.text_layer))
+    rows = np.array([i for image in caps.train for i in image])
+    digits = np.array([y for image, y in zip(caps.train, objective.labels["train"])
+                       for _ in image])
+    classes = np.unique(digits)
+    centroids = np.stack([table[rows[digits == c]].mean(0) for c in classes])
+    held = table[[image[k % len(image)] for k, image in enumerate(caps.eval)]]
+    nearest = classes[((held[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)]
+    results["encoder_nearest_centroid"] = float((nearest == labels).mean())
+    print(f"text encoder alone: held-out captions nearest their digit's training captions "
+          f"{results['encoder_nearest_centroid']:.1%}")
     print(json.dumps(results))
 
 

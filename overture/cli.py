@@ -304,7 +304,7 @@ def _prepare(args) -> int:
 def _recipes(args) -> int:
     from .registry import build_objective
 
-    print(f"{'recipe':<24} {'family':<10} {'params':>8}  description")
+    print(f"{'recipe':<28} {'family':<12} {'params':>8}  description")
     for name, path in bundled_recipes().items():
         recipe = load_recipe(path, checkpoint=False)  # init_from folders made by other runs
         if (getattr(recipe.objective, "checkpoint", None) is not None
@@ -319,7 +319,7 @@ def _recipes(args) -> int:
                 if not getattr(objective, "makes_images", False):
                     raise
                 size = "?"  # sized by the text encoder it names, which is not here
-        print(f"{name:<24} {recipe.objective.name:<10} {size:>8}  {recipe.description}")
+        print(f"{name:<28} {recipe.objective.name:<12} {size:>8}  {recipe.description}")
     return 0
 
 

@@ -29,7 +29,7 @@ from .evaluation import Evaluator
 from .launch import configure_accelerator, world_size
 from .loaders import check_one_batch, micro_batches, train_loader
 from .metrics_log import Interval, MetricsLog, UnitCounter, log_record
-from .objective import Objective, Update
+from .objective import Objective, Update, due_groups
 from .optim import build_optimizer, build_scheduler
 from .peak import run_peak
 from .registry import build_objective, get_family
@@ -71,6 +71,7 @@ def setup_trainer(recipe: Recipe, objective: Objective, accelerator) -> Trainer:
     cfg = recipe.train
     if cfg.compile:
         check_compiler(accelerator.device)
+    set_seed(cfg.seed)  # the initial weights depend on the seed, not on what preparing drew
     models = objective.build_models()  # same initial weights on every rank
     for module in models.values():  # from_pretrained gives eval mode: no dropout
         module.train()
@@ -397,9 +398,8 @@ def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg
     # its loss sum does: a head stepped every k-th step is not divided by k steps' counts
     ran = {h: 0 for h in heads}
     nonfinite = scaler_skipped = False
-    for update in trainer.updates:
-        if step % update.every:
-            continue
+    for group in due_groups(trainer.updates, step):
+        update = group[0]  # the others step on its backward (Update.with_previous)
         for h in update.heads:
             ran[h] += 1
         for module in models.values():  # another update's backward may have left grads
@@ -415,29 +415,31 @@ def train_step(trainer: Trainer, micro_batches: Iterator[dict], accelerator, cfg
                 accelerator.backward(loss * accelerator.num_processes)
             for key, value in out.items():
                 sums[key] = sums.get(key, 0) + value.detach().float()
-        optimizer = trainer.optimizers[update.name]
         # a NaN / infinite loss on any process is never applied to the weights; checked
         # before clipping, which would unscale fp16 gradients for a step never taken
         local = torch.stack([sums[f"{h}_loss_sum"] for h in update.heads]).sum()
         bad = torch.logical_not(torch.isfinite(local)).float().reshape(1)
         if accelerator.reduce(bad, "max").item():
             nonfinite = True
-            optimizer.zero_grad(set_to_none=True)
+            for member in group:
+                trainer.optimizers[member.name].zero_grad(set_to_none=True)
             continue
         if hasattr(objective, "held_parameters"):  # frozen this step: not updated at all
             for param in objective.held_parameters(models, step):
                 param.grad = None
-        params = [p for name in update.models for p in models[name].parameters()]
-        if cfg.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        # this optimizer's own flag: Accelerate's optimizer_step_was_skipped ORs every
-        # optimizer's, so a generator overflow would count on discriminator-only steps
-        scaler_skipped = scaler_skipped or getattr(optimizer, "step_was_skipped", False)
-        trainer.schedulers[update.name].step()
-        optimizer.zero_grad(set_to_none=True)
-        if hasattr(objective, "after_update"):
-            objective.after_update(update, step)
+        for member in group:
+            optimizer = trainer.optimizers[member.name]
+            params = [p for name in member.models for p in models[name].parameters()]
+            if cfg.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            # this optimizer's own flag: Accelerate's optimizer_step_was_skipped ORs every
+            # optimizer's, so a generator overflow would count on discriminator-only steps
+            scaler_skipped = scaler_skipped or getattr(optimizer, "step_was_skipped", False)
+            trainer.schedulers[member.name].step()
+            optimizer.zero_grad(set_to_none=True)
+            if hasattr(objective, "after_update"):
+                objective.after_update(member, step)
     units = torch.stack([torch.as_tensor(objective.count_units(b)) for b in batches]).sum()
     return {**sums, **{f"{h}_count": counts[h].float() * ran[h] for h in heads},
             "units": units.float().to(accelerator.device),

@@ -102,31 +102,36 @@ class Encoder:
                                                         multiple=1).to(self.device)
                 output = self.model(**inputs, output_hidden_states=hidden_states)
                 mask = inputs["attention_mask"]
-                out[index] = self._pool(output, mask, pooling, layers).float().cpu().numpy()
+                out[index] = pool(output, mask, pooling, layers, self._last).float().cpu().numpy()
                 bar.update(len(index))
         bar.close()
         if normalize:
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
 
-    def _pool(self, output, mask, pooling: str, layers: list[int]):
-        import torch
 
-        if pooling == "pooler":
-            if getattr(output, "pooler_output", None) is None:
-                raise ConfigError("--pooling=pooler: this model has no pooler; use cls, "
-                                  "mean or max")
-            return output.pooler_output
-        hidden = torch.stack([output.last_hidden_state if i in self._last
-                              else output.hidden_states[i] for i in layers]).mean(0)  # [B, L, H]
-        keep = mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1], 0 at padding
-        if pooling == "cls":
-            # the first real token (padding is on the right: position 0)
-            first = mask.argmax(dim=1)
-            return hidden[torch.arange(len(hidden)), first]
-        if pooling == "mean":
-            return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
-        return hidden.masked_fill(keep == 0, float("-inf")).max(1).values
+def pool(output, mask, pooling: str, layers: list[int], last: tuple[int, ...]):
+    """[B, hidden] sentence embeddings from a transformers model's ``output`` and the
+    attention ``mask`` [B, L] (right padding): ``cls``, ``mean`` / ``max`` over real
+    tokens, or ``pooler``; ``layers`` are averaged, ``last`` are the indices that mean
+    last_hidden_state. Shared by ``overture features`` and the GAN text encoder."""
+    import torch
+
+    if pooling == "pooler":
+        if getattr(output, "pooler_output", None) is None:
+            raise ConfigError("--pooling=pooler: this model has no pooler; use cls, "
+                              "mean or max")
+        return output.pooler_output
+    hidden = torch.stack([output.last_hidden_state if i in last
+                          else output.hidden_states[i] for i in layers]).mean(0)  # [B, L, H]
+    keep = mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1], 0 at padding
+    if pooling == "cls":
+        # the first real token (padding is on the right: position 0)
+        first = mask.argmax(dim=1)
+        return hidden[torch.arange(len(hidden)), first]
+    if pooling == "mean":
+        return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
+    return hidden.masked_fill(keep == 0, float("-inf")).max(1).values
 
 
 # model types that number positions from pad_token_id + 1, as RoBERTa does

@@ -41,10 +41,34 @@ class Update:
     """The family's optimizer settings for this update (``lr``, ``adam_beta1``, ...: the
     keys of ``overture.config.UpdateOptions``); the recipe's ``train.updates.NAME``
     overrides them, and train's settings fill the rest."""
+    with_previous: bool = False
+    """Share the previous update's forward and backward: this update's optimizer steps its
+    own models on the gradients of the same loss, at the same weights (a text encoder
+    trained on the discriminator's loss, with its own lr). Its heads and ``every`` must
+    be the previous update's; ``forward`` is called with that update."""
 
     def __post_init__(self):
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"Update {self.name!r}: every={self.every} must be a positive integer")
+
+
+def due_groups(updates: list[Update], step: int) -> list[list[Update]]:
+    """The updates due at optimizer ``step``, in order, grouped by shared backward: each
+    group is an update and the ``with_previous`` ones after it."""
+    groups: list[list[Update]] = []
+    for i, update in enumerate(updates):
+        if update.with_previous:
+            leader = updates[i - 1] if i else None
+            if leader is None or (leader.heads, leader.every) != (update.heads, update.every):
+                raise ValueError(f"Update {update.name!r}: with_previous needs a previous "
+                                 "update with the same heads and every")
+        if step % update.every:
+            continue
+        if update.with_previous:
+            groups[-1].append(update)
+        else:
+            groups.append([update])
+    return groups
 
 
 class Collator(Protocol):

@@ -50,10 +50,19 @@ def family_name(family: type) -> str:
 
 def build_objective(recipe):
     """The objective object for ``recipe.objective.name``; ``train.updates`` may only
-    name its updates (checked here, before any data is prepared)."""
+    name its updates, and fp16 is refused for updates that share a backward (checked
+    here, before any data is prepared)."""
     recipe.check_requires()
     objective = get_family(recipe.objective.name)(recipe)
-    names = [u.name for u in objective.updates()]
+    updates = objective.updates()
+    names = [u.name for u in updates]
+    shared = [u.name for u in updates if u.with_previous]
+    if shared and recipe.train.mixed_precision == "fp16":
+        # one loss scaler for two optimizers on one backward: the first one's step may
+        # rescale before the second unscales its gradients
+        raise ConfigError(f"train.mixed_precision=fp16: update {shared[0]!r} of objective "
+                          f"{recipe.objective.name!r} steps on another update's backward, "
+                          "which fp16's loss scaling does not support; use bf16 or no")
     for name in recipe.train.updates:
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)

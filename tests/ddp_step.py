@@ -3,7 +3,8 @@ batch, runs one DDP training step, and rank 0 saves the resulting parameters; th
 seed-0 model is evaluated on held-out examples and rank 0 saves the metrics.
 
 usage: torchrun --standalone --nproc_per_node 2 ddp_step.py CACHE_DIR CORPUS WORK_DIR ITEM...
-(ITEM: FAMILY, or FAMILY+init=CHECKPOINT for a continued run: its step only)
+(ITEM: FAMILY, FAMILY+init=CHECKPOINT for a continued run, or GAN_FAMILY+text_encoder
+for a GAN with a trained text encoder: the last two take their step only)
 """
 
 import sys
@@ -22,14 +23,15 @@ rank, world = accelerator.process_index, accelerator.num_processes
 for item in sys.argv[4:]:
     # FAMILY, or FAMILY+init=CHECKPOINT: the family continuing a checkpoint (step only)
     name, _, checkpoint = item.partition("=")
-    family = name.removesuffix("+init")
+    family, _, variant = name.partition("+")
+    extra = ["objective.train_text_encoder=true"] if variant == "text_encoder" else []
     recipe = (continued(family, checkpoint, "unused", cache_dir, corpus) if checkpoint
-              else tiny(family, "unused", cache_dir, corpus))
+              else tiny(family, "unused", cache_dir, corpus, *extra))
     big = torch.load(work / f"{name}-batch.pt", weights_only=True)
     share = len(next(iter(big.values()))) // world
     mine = {k: v[rank * share:(rank + 1) * share] for k, v in big.items()}
     params = sgd_step(recipe, prepare(recipe).objective, [mine], accelerator)
-    if checkpoint:
+    if variant:
         if accelerator.is_main_process:
             torch.save(params, work / f"{name}-ddp.pt")
         accelerator.wait_for_everyone()

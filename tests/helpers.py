@@ -60,7 +60,7 @@ def tiny(family: str, run_dir, cache_dir, corpus, *overrides: str):
             f"objective.text_encoder={encoder}", "objective.judge=null", "train.max_time=null",
             "model.noise_dim=8", "model.condition_dim=8", "model.generator_width=4",
             "model.discriminator_width=4", "objective.ema_decay=0.9",
-            "objective.grid_columns=2", "train.eval_examples=null"])
+            "objective.grid_columns=2", "train.eval_examples=null", "train.best_metric=null"])
     if family in IMAGE_TINY:
         return load_recipe(IMAGE_TINY[family], [
             o for o in overrides if not o.startswith(TEXT_ONLY)], defaults=[

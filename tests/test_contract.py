@@ -58,15 +58,18 @@ def test_the_engine_imports_no_family():
     assert done.stdout.strip() == "[]"
 
 
-def _batch_of_8(family, cache_dir, real_text, checkpoint=None):
+def _batch_of_8(family, cache_dir, real_text, checkpoint=None, *overrides):
     """The family's recipe (continuing ``checkpoint`` when given), objective and one
     collated batch of 8 real examples."""
-    recipe = (tiny(family, "unused", cache_dir, real_text) if checkpoint is None else
-              continued(family, checkpoint, "unused", cache_dir, real_text))
+    recipe = (tiny(family, "unused", cache_dir, real_text, *overrides) if checkpoint is None
+              else continued(family, checkpoint, "unused", cache_dir, real_text))
     data = prepare(recipe)
     batch = data.objective.collator(recipe.resolved_phases()[0])(
         IndexedDataset(data.train).__getitems__(list(range(8))))
     return recipe, data.objective, batch
+
+
+TRAINED_ENCODER = ("objective.train_text_encoder=true",)
 
 
 def _halves(batch: dict) -> list[dict]:
@@ -106,13 +109,17 @@ def two_processes(cache_dir, real_text, tmp_path_factory, trained) -> Path:
     for family in TEXT:  # continued pretraining: the weights of the trained tiny run
         _, _, big = _batch_of_8(family, cache_dir, real_text, trained(family))
         torch.save(big, work / f"{family}+init-batch.pt")
+    for family in GAN_FAMILIES:  # with a trained text encoder
+        _, _, big = _batch_of_8(family, cache_dir, real_text, None, *TRAINED_ENCODER)
+        torch.save(big, work / f"{family}+text_encoder-batch.pt")
     tests = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
          "--standalone", str(tests / "ddp_step.py"), str(cache_dir), str(real_text),
-         str(work), *FAMILIES, *(f"{f}+init={trained(f)}" for f in TEXT)],
+         str(work), *FAMILIES, *(f"{f}+init={trained(f)}" for f in TEXT),
+         *(f"{f}+text_encoder" for f in GAN_FAMILIES)],
         capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     Accelerator(cpu=True)  # this process's Accelerate state, for the comparisons
@@ -143,6 +150,23 @@ def test_a_continued_run_takes_the_same_step_on_two_processes(cache_dir, real_te
         expected = sgd_step(recipe, objective, [big], Accelerator(cpu=True))
         parallel = torch.load(two_processes / f"{family}+init-ddp.pt", weights_only=True)
         assert torch.allclose(expected, parallel, atol=1e-6, rtol=0), family
+
+
+def test_a_gan_with_a_trained_text_encoder_takes_the_same_step_on_two_processes(
+        cache_dir, real_text, two_processes):
+    """The encoder (BERT's pooler unused under mean pooling, caption tables as buffers)
+    and the discriminator step on one shared backward under DDP as on one process,
+    DF-GAN's gradient penalty through the encoder included."""
+    from accelerate import Accelerator
+
+    for family in GAN_FAMILIES:
+        recipe, objective, big = _batch_of_8(family, cache_dir, real_text, None,
+                                             *TRAINED_ENCODER)
+        expected = sgd_step(recipe, objective, [big], Accelerator(cpu=True))
+        parallel = torch.load(two_processes / f"{family}+text_encoder-ddp.pt",
+                              weights_only=True)
+        atol = 1e-5 if family == "dfgan" else 1e-6  # see test_gan.py: the penalty's rounding
+        assert torch.allclose(expected, parallel, atol=atol, rtol=0), family
 
 
 def test_evaluation_counts_each_example_once_whatever_the_process_count(
@@ -377,7 +401,7 @@ def test_dry_run_reports_parameters_and_data_statistics(family, cache_dir, real_
         data = ["data.image_size=16"]
     if family in GAN_FAMILIES:
         data += [f"objective.text_encoder={classify_inputs(cache_dir, real_text)[0]}",
-                 "objective.judge=null"]
+                 "objective.judge=null", "train.best_metric=null"]
     assert main(["pretrain", tiny_name(family), "--dry-run", f"data.cache_dir={cache_dir}",
                  "data.num_proc=1", f"output_dir={tmp_path / 'run'}", *data]) == 0
     out = capsys.readouterr().out

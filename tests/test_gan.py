@@ -146,6 +146,156 @@ def test_the_frozen_text_encoder_is_never_trained_and_final_holds_it_unchanged(t
     assert saved == ["model.safetensors", "model_1.safetensors"]
 
 
+@pytest.mark.parametrize("family", GAN_FAMILIES)
+def test_a_trained_text_encoder_starts_at_the_frozen_table_and_learns_on_ds_backward(
+        family, cache_dir, real_text, tmp_path):
+    """objective.train_text_encoder: a third update on D's backward; before any step the
+    encoder gives the frozen table's rows (same pooling, same standardisation); the
+    batch's caption indices name the rows it holds; D's backward sends a gradient into
+    every trained encoder weight and G's into none; and accumulation is exact."""
+    from overture.data.prepare import IndexedDataset
+
+    objective = prepare(_recipe(family, cache_dir, real_text, tmp_path,
+                                "objective.train_text_encoder=true")).objective
+    updates = objective.updates()
+    assert [(u.name, u.models, u.heads, u.with_previous) for u in updates] == [
+        ("discriminator", ("discriminator",), ("d",), False),
+        ("text_encoder", ("text_encoder",), ("d",), True),
+        ("generator", ("generator",), ("g",), False)]
+    torch.manual_seed(0)
+    models = objective.build_models()
+    encoder = models["text_encoder"]
+    with torch.no_grad():
+        rows = encoder(torch.arange(len(objective.captions.texts)))
+    torch.testing.assert_close(rows, torch.from_numpy(objective.table), atol=2e-5, rtol=0)
+    batch = objective.collator(objective.recipe.resolved_phases()[0])(
+        IndexedDataset(objective._prepared.train).__getitems__(list(range(8))))
+    for key in ("text", "wrong", "other"):
+        assert torch.equal(batch[key], torch.from_numpy(objective.table)[batch[f"{key}_index"]])
+    trained_params = [p for p in encoder.parameters() if p.requires_grad]
+    assert 0 < len(trained_params) < len(list(encoder.parameters()))  # BERT's pooler is unused
+    for update in (updates[0], updates[2]):  # what the engine runs forward for
+        for module in models.values():
+            module.zero_grad(set_to_none=True)
+        out = objective.forward(models, batch, update)
+        sum(out[f"{h}_loss_sum"] for h in update.heads).backward()
+        reached = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in trained_params]
+        assert all(reached) if update.name == "discriminator" else not any(reached)
+    # no dropout in the encoder: one batch of 8 is two accumulated batches of 4
+    from accelerate import Accelerator
+
+    from helpers import sgd_step
+
+    accelerator = Accelerator(cpu=True)
+    straight = sgd_step(objective.recipe, objective, [batch], accelerator)
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+    # DF-GAN: its sixth-power penalty's double backward through the encoder sums every
+    # token into the one token-type row; float32 rounding there reaches 3e-6
+    atol = 1e-5 if family == "dfgan" else 1e-6
+    assert torch.allclose(straight, sgd_step(objective.recipe, objective, halves, accelerator),
+                          atol=atol, rtol=0)
+    # FLOPs per image: the encoder's forward and backward inside D's are counted once
+    from overture.pretrain.gan.family import flop_counter
+
+    with flop_counter() as counter:
+        sgd_step(objective.recipe, objective, [batch], accelerator)
+    with flop_counter() as building:  # sgd_step builds the models: the encoder's probe
+        objective.build_models()
+    frozen = prepare(_recipe(family, cache_dir, real_text, tmp_path)).objective
+    phase = objective.recipe.resolved_phases()[0]
+    step = counter.get_total_flops() - building.get_total_flops()
+    # within 10%: the meta-device count runs BERT's attention without the padding mask
+    # (transformers reads the mask's values), whose kernel the real step may not take
+    assert objective.flops_per_unit(phase) == pytest.approx(step / 8, rel=0.1)
+    assert objective.flops_per_unit(phase) > frozen.flops_per_unit(phase) > 0
+    with pytest.raises(ConfigError, match=r"objective.train_text_encoder=true with "
+                                          r"train.mixed_precision=fp16: .* use bf16 or no"):
+        build_objective(_recipe(family, cache_dir, real_text, tmp_path,
+                                "objective.train_text_encoder=true",
+                                "train.mixed_precision=fp16"))
+
+
+@pytest.mark.parametrize("family", GAN_FAMILIES)
+def test_the_discriminator_loss_has_the_gradient_of_its_value_wrt_the_caption(
+        family, cache_dir, real_text, tmp_path):
+    """What a trained text encoder receives: the autograd gradient of D's loss with
+    respect to the caption embeddings equals a central finite difference of its value
+    (float64), the real pair and DF-GAN's gradient penalty included."""
+    from overture.data.prepare import IndexedDataset
+
+    objective = prepare(_recipe(family, cache_dir, real_text, tmp_path)).objective
+    torch.manual_seed(0)
+    models = objective.build_models()
+    discriminator = models["discriminator"].double().eval()
+    batch = objective.collator(objective.recipe.resolved_phases()[0])(
+        IndexedDataset(objective._prepared.train).__getitems__(list(range(8))))
+    with torch.no_grad():
+        fake = models["generator"].eval()(batch["noise"], batch["text"], None)[0].double()
+    batch = {**batch, "images": batch["images"].double(), "wrong": batch["wrong"].double()}
+
+    def loss(text):
+        return objective.discriminator_loss(discriminator, {**batch, "text": text}, fake).sum()
+
+    text = batch["text"].double().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss(text), text)
+    direction = torch.randn(text.shape, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(0))
+    eps = 1e-5
+    with torch.no_grad():
+        base = text.detach()
+    finite = (loss(base + eps * direction) - loss(base - eps * direction)).item() / (2 * eps)
+    assert (grad * direction).sum().item() == pytest.approx(finite, rel=1e-5, abs=1e-8)
+
+
+def test_a_trained_text_encoder_resumes_exactly_and_final_holds_it(cache_dir, real_text,
+                                                                    tmp_path):
+    """4 steps with the encoder trained at an explicit lr (logged, by value), saved at 2;
+    the run resumed from step 2 logs the same losses; final/text_encoder holds the
+    trained weights (the last checkpoint's third model), not the source's."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+
+    def recipe(*extra):
+        return _recipe("gan-int-cls", cache_dir, real_text, tmp_path,
+                       "objective.train_text_encoder=true", "train.updates.text_encoder.lr=3e-4",
+                       "train.max_steps=4", "train.save_every=2", "train.keep_last=5",
+                       "train.log_every=1", "train.eval_every=0", *extra)
+
+    train(recipe(), progress=False)
+    straight = records(run)
+    assert [straight[s]["lr_text_encoder"] for s in (1, 4)] == [3e-4, 3e-4]
+    assert straight[1]["lr_discriminator"] == 2e-4  # train.lr, unchanged for the others
+    trained = load_file(str(run / "checkpoints" / "step-000004" / "model_2.safetensors"))
+    exported = load_file(str(run / "final" / "text_encoder" / "model.safetensors"))
+    source = load_file(str(Path(recipe().objective.text_encoder) / "model.safetensors"))
+    assert {f"model.{k}" for k in exported} == set(trained)
+    assert all(torch.equal(v, trained[f"model.{k}"]) for k, v in exported.items())
+    key = "embeddings.word_embeddings.weight"
+    assert not torch.equal(exported[key], source.get(key, source.get(f"bert.{key}")))
+
+    # a later run starting from this one must read its fine-tuned encoder
+    with pytest.raises(ConfigError, match=r"model.init_from=.* fine-tuned its text encoder.*"
+                                          r"set objective.text_encoder="):
+        build_objective(recipe(f"model.init_from={run}"))
+    build_objective(recipe(f"model.init_from={run}",
+                           f"objective.text_encoder={run / 'final' / 'text_encoder'}"))
+
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    shutil.rmtree(run / "final")
+    (run / "metrics.jsonl").write_text("")
+    train(recipe("train.resume=auto"), progress=False)
+    resumed = records(run)
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        for name in ("d_loss", "g_loss"):
+            assert resumed[step][name] == pytest.approx(straight[step][name], abs=1e-5)
+    again = load_file(str(run / "final" / "text_encoder" / "model.safetensors"))
+    assert all(torch.allclose(v, exported[k], atol=1e-6, rtol=0) for k, v in again.items())
+
+
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise():
     rng = np.random.default_rng(0)
     features = rng.standard_normal((500, 16)) @ rng.standard_normal((16, 16))
@@ -171,11 +321,13 @@ def test_caption_consistency_counts_the_judges_agreement_with_the_caption():
 
 @pytest.fixture(scope="module")
 def judged(trained, tmp_path_factory, cache_dir, real_text):
-    """gan-int-cls with the tiny image run as judge: 4 steps, evaluated at step 4."""
+    """gan-int-cls with the tiny image run as judge: 4 steps, evaluated at steps 0, 2 and
+    4, final/ from the one with the best caption consistency (as the digits recipes)."""
     run = tmp_path_factory.mktemp("judged") / "run"
     train(tiny("gan-int-cls", run, cache_dir, real_text, f"objective.judge={trained('image')}",
-               "train.max_steps=4", "train.eval_every=4", "train.eval_examples=40",
-               "objective.grid_columns=3"), progress=False)
+               "train.max_steps=4", "train.eval_every=2", "train.eval_examples=40",
+               "objective.grid_columns=3", "train.best_metric=caption_consistency"),
+          progress=False)
     return run
 
 
@@ -187,6 +339,17 @@ def test_evaluation_reports_consistency_attributes_and_fid_with_its_network(judg
     assert evaluation["caption_consistency"] <= 1
     config = json.loads((judged / "final" / "config.json").read_text())
     assert config["fid_network"].startswith("judge ")  # named in every export
+    # train.best_metric=caption_consistency: final/ is the best evaluation's export
+    from overture.checkpoint import latest_checkpoint
+
+    logged = {s: r["caption_consistency"] for s, r in records(judged, "eval").items()}
+    assert sorted(logged) == [0, 2, 4]
+    state = json.loads((latest_checkpoint(judged) / "train_state.json").read_text())
+    # the untrained step-0 model is no candidate; the first of equals stays
+    best = max((2, 4), key=lambda s: (logged[s], -s))
+    assert (state["best_step"], state["best_value"]) == (best, logged[best])
+    for name in ("generator.safetensors", "discriminator.safetensors"):
+        assert (judged / "final" / name).read_bytes() == (judged / "best" / name).read_bytes()
 
 
 def test_the_sample_grid_shows_prompts_by_noise_at_each_evaluation(judged):
@@ -257,6 +420,8 @@ BAD = [
     ("an image size the generator cannot make", ["data.image_size=48"],
      "data.image_size=48: the gan-int-cls generator makes 16, 32, 64, 128"),
     ("every <= 0", ["objective.d_steps=0"], "objective.d_steps=0 must be a positive integer"),
+    ("a best metric without its judge", ["train.best_metric=caption_consistency"],
+     "train.best_metric=caption_consistency needs objective.judge"),
 ]
 
 
@@ -282,6 +447,8 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(what, overrides, messa
     args = ["pretrain", "gan-int-cls-digits", f"data.cache_dir={cache_dir}",
             f"output_dir={tmp_path / 'run'}", f"objective.text_encoder={encoder}",
             "objective.judge=null", *[o.format(**values) for o in overrides]]
+    if not any(o.startswith("train.best_metric=") for o in overrides):
+        args.append("train.best_metric=null")  # the recipe's needs the judge
     prepared = set((cache_dir / "images").glob("*"))
     capfd.readouterr()
     assert main(args) == 2
@@ -289,6 +456,21 @@ def test_bad_input_is_one_line_and_exit_2_before_any_work(what, overrides, messa
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()
     assert set((cache_dir / "images").glob("*")) == prepared  # no image was prepared
+
+
+def test_a_missing_fine_tuned_encoder_names_the_recipe_that_makes_it(tmp_path, monkeypatch,
+                                                                     capfd):
+    """gan-int-cls-digits and dfgan-digits read runs/gan-int-cls-digits-encoder's
+    encoder: without that run, one line says which command makes it."""
+    monkeypatch.chdir(tmp_path)
+    for recipe in ("gan-int-cls-digits", "dfgan-digits"):
+        capfd.readouterr()
+        assert main(["pretrain", recipe, "objective.judge=null", "train.best_metric=null",
+                     f"output_dir={tmp_path / recipe}"]) == 2
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].endswith(
+            "make it with `overture pretrain gan-int-cls-digits-encoder`"), err
+        assert not (tmp_path / recipe).exists()
 
 
 def test_the_generators_ema_follows_timms_warmup_from_the_first_update(cache_dir, real_text,
@@ -385,6 +567,9 @@ def test_recipes_counts_the_two_players_at_the_encoders_width(trained, tmp_path)
     runs = tmp_path / "runs"
     (runs / "bert-tiny" / "final").mkdir(parents=True)
     (runs / "bert-tiny" / "final" / "config.json").write_text('{"hidden_size": 128}')
+    encoder = runs / "gan-int-cls-digits-encoder" / "final" / "text_encoder"
+    encoder.mkdir(parents=True)  # the digits GANs' fine-tuned bert-tiny
+    (encoder / "config.json").write_text('{"hidden_size": 128}')
     shutil.copytree(trained("image") / "final", runs / "resnet-tiny-digits" / "final")
     done = subprocess.run([sys.executable, "-m", "overture", "recipes"], cwd=tmp_path,
                           capture_output=True, text=True)
@@ -392,7 +577,7 @@ def test_recipes_counts_the_two_players_at_the_encoders_width(trained, tmp_path)
     sizes = {line.split()[0]: line.split()[2] for line in done.stdout.splitlines()[1:]}
     for name in ("gan-int-cls-digits", "dfgan-digits"):
         objective = build_objective(
-            load_recipe(name, ["objective.judge=null"]))
+            load_recipe(name, ["objective.judge=null", "train.best_metric=null"]))
         objective.table = np.zeros((1, 128), np.float32)  # the encoder's width
         players = sum(p.numel() for m in objective.build_models().values()
                       for p in m.parameters())

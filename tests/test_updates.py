@@ -81,6 +81,46 @@ def test_settings_for_an_unknown_update_are_refused_naming_the_updates(tmp_path)
         toy_recipe(tmp_path / "run", updates={"gen": {"lr": -1}})
 
 
+def test_an_update_with_previous_steps_on_the_previous_updates_backward(tmp_path):
+    """Toy "side" shares gen's backward: one forward per group (disc, gen; never side);
+    SGD at lr 1 moves gen and side by exactly the gradients of b's loss on that one
+    backward (each row by -mean(x), each bias by -1); b counted once, so its logged loss
+    is 2.0, not 1.0; side's own lr is logged under its name."""
+    import torch
+    from accelerate import Accelerator
+
+    from helpers import sgd_step
+    from overture.objective import Update, due_groups
+    from overture.registry import build_objective
+
+    recipe = toy_recipe(tmp_path / "run", objective={"share": True})
+    objective = build_objective(recipe)
+    data = objective.prepare(None)
+    batch = objective.collator(None)({"columns": data.train[:8]})
+    torch.manual_seed(0)
+    initial = {n: m.state_dict() for n, m in objective.build_models().items()}
+    after = sgd_step(recipe, objective, [batch], Accelerator(cpu=True))
+    assert objective.forwarded == ["disc", "gen"]
+    mean = batch["x"].mean(0)
+    gen = torch.cat([(initial["gen"]["weight"] - mean).flatten(), initial["gen"]["bias"] - 1])
+    side = torch.cat([(initial["side"]["weight"] - mean).flatten(), initial["side"]["bias"] - 1])
+    torch.testing.assert_close(after[4:], torch.cat([gen, side]), atol=1e-6, rtol=0)
+
+    train(toy_recipe(tmp_path / "run", objective={"share": True},
+                     updates={"side": {"lr": 5e-3}}), progress=False)
+    logged = records(tmp_path / "run")
+    assert [logged[s]["b_loss"] for s in (3, 6)] == [pytest.approx(2.0, abs=1e-6)] * 2
+    assert [logged[s]["lr_side"] for s in (3, 6)] == [pytest.approx(5e-3)] * 2
+
+    a, b = Update("a", ("x",), ("h",)), Update("b", ("y",), ("h",), with_previous=True)
+    assert [[u.name for u in g] for g in due_groups([a, b], 0)] == [["a", "b"]]
+    with pytest.raises(ValueError, match="with_previous needs a previous update"):
+        due_groups([b, a], 0)
+    with pytest.raises(ConfigError, match="fp16's loss scaling does not support; use bf16"):
+        build_objective(toy_recipe(tmp_path / "fp16", objective={"share": True},
+                                   mixed_precision="fp16"))
+
+
 def test_a_skipped_generator_step_is_not_counted_on_discriminator_only_steps(
         tmp_path, monkeypatch):
     """fp16's scaler reports skips per optimizer; only the optimizers that stepped count

@@ -50,6 +50,9 @@ class ToyObjective:
     b_loss: float = 2.0
     sample_at_eval: bool = False
     """Draw from the global RNG at every evaluation (as a GAN's noise)."""
+    share: bool = False
+    """A third model "side" in head b's loss, stepped by update "side" on gen's backward
+    (``Update.with_previous``), as a GAN's trained text encoder on D's."""
 
     def validate(self) -> None:
         pass
@@ -76,6 +79,7 @@ class Toy:
         self.recipe = recipe
         self.tokenizer = None
         self.evaluated: list[int] = []
+        self.forwarded: list[str | None] = []  # the update of every forward call
 
     def prepare(self, phase, progress: bool = True) -> PreparedData:
         import datasets
@@ -91,14 +95,20 @@ class Toy:
 
     def build_models(self, vocab_size=None) -> dict[str, nn.Module]:
         width = self.recipe.data.width
-        return {"disc": nn.Linear(width, 1), "gen": nn.Linear(width, width)}
+        models = {"disc": nn.Linear(width, 1), "gen": nn.Linear(width, width)}
+        if self.recipe.objective.share:
+            models["side"] = nn.Linear(width, 1)
+        return models
 
     def frozen_models(self) -> dict[str, nn.Module]:
         return {}
 
     def updates(self) -> list[Update]:
-        return [Update("disc", ("disc",), ("a",)),
-                Update("gen", ("gen",), ("b",), every=self.recipe.objective.every)]
+        every = self.recipe.objective.every
+        updates = [Update("disc", ("disc",), ("a",)), Update("gen", ("gen",), ("b",), every=every)]
+        if self.recipe.objective.share:
+            updates.append(Update("side", ("side",), ("b",), every=every, with_previous=True))
+        return updates
 
     def collator(self, phase) -> ToyCollator:
         return ToyCollator()
@@ -106,11 +116,14 @@ class Toy:
     def forward(self, models, batch, update) -> dict[str, torch.Tensor]:
         x, out = batch["x"], {}
         n = len(x)
+        self.forwarded.append(update.name if update is not None else None)
         if update is None or "a" in update.heads:
             noise = torch.randn_like(x) if update is not None else 0.0
             out["a_loss_sum"] = (models["disc"](x + noise) ** 2).sum()
         if update is None or "b" in update.heads:
             y = models["gen"](x).sum()
+            if "side" in models:
+                y = y + models["side"](x).sum()
             out["b_loss_sum"] = y - y.detach() + self.recipe.objective.b_loss * n
         if update is None and self.recipe.objective.sample_at_eval:
             torch.randn(100)  # noise for samples: a draw from the global stream

@@ -3,9 +3,12 @@ and a DF-GAN-style one-stage model ("dfgan", Tao et al. 2022).
 
 Two updates: the discriminator every step, the generator every ``objective.d_steps``-th
 (``Update.every``), each with its own optimizer settings (``train.updates.NAME``). The
-text encoder is frozen: captions are embedded once while preparing
-(``pretrain/gan/text.py``). An EMA of the generator makes every sample, the evaluation's
-and final/'s. Everything random in a step (noise, wrong captions, the augmentation's
+text encoder is frozen by default: captions are embedded once while preparing
+(``pretrain/gan/text.py``). With ``objective.train_text_encoder`` it is a third model,
+stepped by a third update, ``text_encoder``, on the discriminator's backward
+(``Update.with_previous``) with its own settings (lr 1e-4 and Adam's usual betas unless
+``train.updates.text_encoder`` says otherwise). An EMA of the generator makes every
+sample, the evaluation's and final/'s. Everything random in a step (noise, wrong captions, the augmentation's
 noise) is drawn by the collator from (seed, epoch, example), so a resumed run and an
 accumulated step are the uninterrupted run and the one big batch.
 
@@ -107,6 +110,11 @@ class GanObjectiveConfig:
     """cls, mean, max or pooler, as `overture features --pooling`."""
     text_layer: int = -1
     """Hidden state pooled (-1: the last)."""
+    train_text_encoder: bool = False
+    """Fine-tune the text encoder on the discriminator's matching-aware loss (a third
+    update, ``text_encoder``, on D's backward, with its own ``train.updates.text_encoder``
+    settings); it is exported in final/text_encoder. false: frozen, captions embedded
+    once."""
     d_steps: int = 1
     """Discriminator steps per generator step (the generator's Update.every)."""
     interpolation_weight: float = 1.0
@@ -167,8 +175,10 @@ class CaptionCollator:
     image's captions), ``wrong`` [B, E] (a caption of another image, of another class when
     labelled), ``other`` [B, E] (for the INT term); ``noise`` [B, Z], ``eps`` and
     ``eps_int`` [B, C] (the conditioning augmentation's); ``labels`` [B] (-1: none),
-    ``attributes`` [B, 3] (-1: none). Each example's draws are seeded by (seed, epoch,
-    index); at evaluation (epoch -1) they are the same at every evaluation.
+    ``attributes`` [B, 3] (-1: none); ``text_index``, ``wrong_index``, ``other_index`` [B]
+    (the three captions' rows of the table, for a trained text encoder). Each example's
+    draws are seeded by (seed, epoch, index); at evaluation (epoch -1) they are the same
+    at every evaluation.
 
     It holds only arrays (the embedding table, caption indices, labels), so that loader
     workers receive those, not the objective and its models."""
@@ -193,6 +203,7 @@ class CaptionCollator:
         attributes = getattr(self.captions, f"{split}_attributes")
         out: dict[str, list] = {k: [] for k in ("images", "text", "wrong", "other", "noise",
                                                 "eps", "eps_int")}
+        chosen: dict[str, list] = {"text_index": [], "wrong_index": [], "other_index": []}
         for index, item in zip(indices, zip(columns["image"], columns["path"],
                                             columns["height"], columns["width"])):
             rng = np.random.default_rng([self.seed, self.epoch + 1, int(index)])
@@ -203,15 +214,17 @@ class CaptionCollator:
             caption = mine[index % len(mine)] if held_out else mine[rng.integers(len(mine))]
             wrong = _other(rng, labels, index)
             other = _other(rng, labels, index, same_class_ok=True)
+            picked = (caption, _pick(rng, captions[wrong]), _pick(rng, captions[other]))
             out["images"].append(image)
-            out["text"].append(table[caption])
-            out["wrong"].append(table[_pick(rng, captions[wrong])])
-            out["other"].append(table[_pick(rng, captions[other])])
+            for key, row in zip(("text", "wrong", "other"), picked):
+                out[key].append(table[row])
+                chosen[f"{key}_index"].append(row)
             out["noise"].append(rng.standard_normal(self.noise_dim, dtype=np.float32))
             out["eps"].append(rng.standard_normal(self.cond_dim, dtype=np.float32))
             out["eps_int"].append(rng.standard_normal(self.cond_dim, dtype=np.float32))
         batch = {"images": torch.stack(out.pop("images"))}
         batch.update({k: torch.from_numpy(np.stack(v)) for k, v in out.items()})
+        batch.update({k: torch.tensor(v, dtype=torch.long) for k, v in chosen.items()})
         index = np.asarray(indices)
         batch["labels"] = torch.from_numpy(labels[index].astype(np.int64))
         batch["attributes"] = (torch.from_numpy(attributes[index].astype(np.int64))
@@ -283,6 +296,15 @@ class TextToImage:
             if phase.batch_size < 2:  # batch norm, and a wrong caption needs another image
                 where = f"phases[{i}].batch_size" if recipe.phases else "train.batch_size"
                 raise ConfigError(f"{where}={phase.batch_size}: use at least 2 images")
+        if obj.train_text_encoder and recipe.train.mixed_precision == "fp16":
+            raise ConfigError("objective.train_text_encoder=true with train.mixed_precision="
+                              "fp16: the encoder steps on the discriminator's backward, which "
+                              "one fp16 loss scaler cannot serve twice; use bf16 or no")
+        _check_init_encoder(recipe)
+        if recipe.train.best_metric in ("caption_consistency", "judge_real_top1") and not obj.judge:
+            raise ConfigError(f"train.best_metric={recipe.train.best_metric} needs "
+                              "objective.judge (the classifier that measures it); give one "
+                              "or set train.best_metric=null")
         self.stats: dict | None = None
         self.captions = self.table = self.labels = None
         self.ema = self._generator = None
@@ -383,7 +405,22 @@ class TextToImage:
         if init is not None and torch.empty(0).device.type != "meta":
             _load(generator, _final(init) / GENERATOR_FILE, "model.init_from")
             _load(discriminator, _final(init) / DISCRIMINATOR_FILE, "model.init_from")
-        return {"generator": generator, "discriminator": discriminator}
+        models = {"generator": generator, "discriminator": discriminator}
+        if self.recipe.objective.train_text_encoder:
+            models["text_encoder"] = self._text_encoder()
+        return models
+
+    def _text_encoder(self) -> nn.Module:
+        """The trained text encoder over every caption (before preparing, for a size
+        estimate: over no caption, with the identity standardisation)."""
+        from .text import trainable_encoder
+
+        if self.captions is None:
+            texts, mean, std = [], np.zeros(self.text_dim), np.ones(self.text_dim)
+        else:
+            texts, mean, std = self.captions.texts, self.text_mean, self.text_std
+        return trainable_encoder(self.recipe.objective, texts, mean, std,
+                                 self.recipe.train.seed)
 
     def _backbone_discriminator(self) -> nn.Module | None:
         """model.discriminator_backbone's D, or None."""
@@ -425,8 +462,15 @@ class TextToImage:
         return self._frozen
 
     def updates(self) -> list[Update]:
-        return [Update("discriminator", ("discriminator",), ("d",)),
-                Update("generator", ("generator",), ("g",), every=self.recipe.objective.d_steps)]
+        updates = [Update("discriminator", ("discriminator",), ("d",))]
+        if self.recipe.objective.train_text_encoder:
+            # on D's backward (the matching-aware loss), with an optimizer of its own: a
+            # pretrained encoder wants a smaller lr and Adam's usual betas, not DCGAN's
+            updates.append(Update("text_encoder", ("text_encoder",), ("d",), options={
+                "lr": 1e-4, "adam_beta1": 0.9, "adam_beta2": 0.999}, with_previous=True))
+        updates.append(Update("generator", ("generator",), ("g",),
+                              every=self.recipe.objective.d_steps))
+        return updates
 
     def stateful(self, models: dict[str, nn.Module]) -> list:
         """The generator's EMA, saved in every checkpoint."""
@@ -452,6 +496,8 @@ class TextToImage:
     # ------------------------------------------------------------------ losses
     def forward(self, models, batch, update) -> dict[str, torch.Tensor]:
         generator, discriminator = models["generator"], models["discriminator"]
+        if "text_encoder" in models:
+            batch = self.embedded(models["text_encoder"], batch, update)
         out: dict[str, torch.Tensor] = {}
         if update is None or update.name == "discriminator":
             with torch.no_grad():
@@ -462,6 +508,19 @@ class TextToImage:
         if update is None:
             out.update(self.evaluation_outputs(models, batch))
         return out
+
+    @staticmethod
+    def embedded(encoder, batch: dict, update) -> dict:
+        """``batch`` with the captions a step uses embedded by the trained ``encoder``:
+        with gradients in the discriminator's backward (which the encoder's update
+        shares), without in the generator's."""
+        name = update.name if update is not None else None
+        keys = {"discriminator": ("text", "wrong"),
+                "generator": ("text", "other")}.get(name, ("text", "wrong", "other"))
+        index = torch.cat([batch[f"{k}_index"] for k in keys])  # [len(keys) * B]
+        with torch.set_grad_enabled(name == "discriminator" and torch.is_grad_enabled()):
+            rows = encoder(index).split(len(batch["text_index"]))
+        return {**batch, **dict(zip(keys, rows))}
 
     def discriminator_loss(self, discriminator, batch, fake) -> torch.Tensor:
         raise NotImplementedError
@@ -576,9 +635,13 @@ class TextToImage:
         path = Path(run_dir) / "samples" / f"step-{step:06d}.png"
         generator = self.sampler(models)
         device = next(generator.parameters()).device
-        images = _sample(generator, torch.from_numpy(self.grid_embeddings()).float().to(device),
-                         self.recipe.objective.grid_columns, self.recipe.model.noise_dim,
-                         self.recipe.train.seed)
+        if "text_encoder" in models:  # trained: the prompts as the encoder reads them now
+            with torch.no_grad():
+                h = models["text_encoder"].encode_texts(self.grid_prompts())
+        else:
+            h = torch.from_numpy(self.grid_embeddings()).float()
+        images = _sample(generator, h.to(device), self.recipe.objective.grid_columns,
+                         self.recipe.model.noise_dim, self.recipe.train.seed)
         _write_grid(images, path, self.recipe.objective.grid_columns)
         path.with_suffix(".txt").write_text("".join(f"{p}\n" for p in self.grid_prompts()),
                                             encoding="utf-8")
@@ -606,11 +669,15 @@ class TextToImage:
             models = self.build_models()
             batch = {"images": torch.zeros(n, 3, size, size),
                      **{k: torch.zeros(n, self.text_dim) for k in ("text", "wrong", "other")},
+                     **{f"{k}_index": torch.zeros(n, dtype=torch.long)
+                        for k in ("text", "wrong", "other")},
                      "noise": torch.zeros(n, model.noise_dim),
                      "eps": torch.zeros(n, model.condition_dim),
                      "eps_int": torch.zeros(n, model.condition_dim)}
             total = 0.0
             for update in self.updates():
+                if update.with_previous:  # stepped on the previous update's backward
+                    continue
                 with flop_counter() as counter:
                     out = self.forward(models, batch, update)
                     sum(out[f"{h}_loss_sum"] for h in update.heads).backward()
@@ -620,8 +687,9 @@ class TextToImage:
     # ------------------------------------------------------------------ export
     def export(self, models, state_dicts, folder: Path) -> None:
         """final/: the generator (its EMA), the discriminator, config.json (what
-        ``overture generate`` rebuilds the generator from) and text_encoder/ (the frozen
-        encoder and its tokenizer, so that final/ generates on its own)."""
+        ``overture generate`` rebuilds the generator from) and text_encoder/ (the encoder,
+        fine-tuned when it was trained, and its tokenizer, so that final/ generates on its
+        own)."""
         from safetensors.torch import save_file
 
         from .text import load_encoder
@@ -635,12 +703,16 @@ class TextToImage:
         save_file({k: v.detach().cpu().contiguous() for k, v in state_dicts["discriminator"].items()},
                   str(folder / DISCRIMINATOR_FILE))
         encoder = load_encoder(obj.text_encoder, obj.text_encoder_init, self.recipe.train.seed)
+        if "text_encoder" in state_dicts:  # trained: TextEncoder keeps the model under model.
+            encoder.model.load_state_dict({k.removeprefix("model."): v for k, v in
+                                           state_dicts["text_encoder"].items()})
         encoder.model.save_pretrained(folder / ENCODER_FOLDER)
         encoder.tokenizer.save_pretrained(folder / ENCODER_FOLDER)
         config = {"overture_gan": self.name, "generator": self.generator_args(),
                   "image_size": self.recipe.data.image_size,
                   "text_pooling": obj.text_pooling, "text_layer": obj.text_layer,
                   "text_encoder": obj.text_encoder, "text_encoder_init": obj.text_encoder_init,
+                  "text_encoder_trained": obj.train_text_encoder,
                   "text_mean": self.text_mean.tolist(), "text_std": self.text_std.tolist(),
                   "fid_network": self.fid_network(), "seed": self.recipe.train.seed}
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -707,6 +779,26 @@ def flop_counter():
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _Unattributed()
     return counter
+
+
+def _check_init_encoder(recipe) -> None:
+    """model.init_from of a run that fine-tuned its text encoder: its players read that
+    encoder's embeddings, so objective.text_encoder must be its final/text_encoder."""
+    init = recipe.model.init_from
+    if init is None:
+        return
+    folder = _final(init)
+    try:
+        trained = json.loads((folder / "config.json").read_text()).get("text_encoder_trained")
+    except (OSError, ValueError):
+        return  # model.init_from's own check names what is wrong
+    encoder = folder / ENCODER_FOLDER
+    given = Path(recipe.objective.text_encoder).expanduser()
+    if trained and given.resolve() != encoder.resolve():
+        raise ConfigError(f"model.init_from={init!r} fine-tuned its text encoder, and its "
+                          f"players read that encoder's embeddings: set "
+                          f"objective.text_encoder={str(encoder)!r} (it stays frozen "
+                          "unless objective.train_text_encoder=true)")
 
 
 def build_generator(kind: str, args: dict) -> nn.Module:
@@ -835,7 +927,8 @@ class DFGan(TextToImage):
         penalty = obj.gp_weight > 0 and torch.is_grad_enabled()
         if penalty:  # the gradient of D(x, h) at the real pair, wrt image and text
             images = images.detach().requires_grad_(True)
-            text = text.detach().requires_grad_(True)
+            if not text.requires_grad:  # a trained encoder's embedding stays in its graph
+                text = text.detach().requires_grad_(True)
         right, wrong = discriminator(images, [text, batch["wrong"]])
         (fake_right,) = discriminator(fake, [batch["text"]])
         loss = F.relu(1 - right) + 0.5 * (F.relu(1 + wrong) + F.relu(1 + fake_right))
