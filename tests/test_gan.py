@@ -116,7 +116,9 @@ def test_the_matching_aware_discriminator_sees_three_pairings_per_batch(digits):
     out = digits.forward(models, batch, update)
     assert out["d_loss_sum"].requires_grad
     (real, (right, wrong)), (fake, (fake_text,)) = seen
-    assert torch.equal(real, batch["images"]) and torch.equal(right, batch["text"])
+    # the recipe's DiffAugment applies to what D sees (tested on its own below)
+    assert torch.equal(real, digits.augmented(batch["images"], batch, "real"))
+    assert torch.equal(right, batch["text"])
     assert torch.equal(wrong, batch["wrong"]) and torch.equal(fake_text, batch["text"])
     assert not fake.requires_grad and fake.shape == real.shape  # G is not stepped by D's loss
     # the wrong caption is another class's: its digit differs from the image's label
@@ -396,6 +398,108 @@ def test_start_points_are_recipe_keys(trained, cache_dir, real_text, tmp_path):
     assert backbone and all(torch.equal(v, saved[k]) for k, v in backbone.items())
 
 
+
+def _shifted_and_cut(x, dy, dx, cy, cx, cut):
+    """The paper's translation then cutout, one image at a time, by plain indexing."""
+    out = torch.zeros_like(x)
+    _, h, w = x.shape
+    for i in range(h):
+        for j in range(w):
+            if 0 <= i - dy < h and 0 <= j - dx < w:
+                out[:, i, j] = x[:, i - dy, j - dx]
+    top, left = cy - cut // 2, cx - cut // 2
+    out[:, max(top, 0):max(top + cut, 0), max(left, 0):max(left + cut, 0)] = 0
+    return out
+
+
+def test_diff_augment_shifts_with_a_zero_border_cuts_a_half_square_and_keeps_gradients():
+    from overture.pretrain.gan.augment import augment, width
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 16, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    u = torch.rand(6, width(["translation", "cutout"]), generator=gen, dtype=torch.float64)
+    u[0, :2] = torch.tensor([0.0, 0.999])  # the extreme shifts: -2 and +2 at 16 px
+    u[1, 2:] = torch.tensor([0.0, 0.999])  # a square cut by the corner
+    out = augment(x, u, ["translation", "cutout"])
+    for k in range(6):
+        dy, dx = (int(v * 5) - 2 for v in u[k, :2])
+        cy, cx = (int(v * 17) for v in u[k, 2:])
+        assert torch.equal(out[k], _shifted_and_cut(x[k].detach(), dy, dx, cy, cx, 8)), k
+    assert (int(u[0, 0] * 5) - 2, int(u[0, 1] * 5) - 2) == (-2, 2)
+    # the gradient is 1 at each pixel that reaches the output, 0 at the others
+    out.sum().backward()
+    assert set(x.grad.unique().tolist()) == {0.0, 1.0}
+    assert x.grad.sum() == (out != 0).sum()
+    # color: u = 1/2 is the identity; brightness moves every pixel by u - 1/2
+    y = torch.randn(2, 3, 8, 8, generator=gen)
+    assert torch.allclose(augment(y, torch.full((2, 3), 0.5), ["color"]), y, atol=1e-6)
+    brighter = augment(y, torch.tensor([[0.8, 0.5, 0.5]] * 2), ["color"])
+    assert torch.allclose(brighter - y, torch.full_like(y, 0.3), atol=1e-6)
+
+
+def test_diff_augment_draws_per_example_after_every_other_draw_and_not_at_evaluation(digits):
+    from overture.data.prepare import IndexedDataset
+    from overture.pretrain.gan.family import CaptionCollator
+
+    rows = IndexedDataset(digits._prepared.train).__getitems__(list(range(8)))
+    def collate(width, epoch=0):
+        c = CaptionCollator(digits.table, digits.captions, digits.labels, 16, 8, 8, 0.0, 0,
+                            augment_width=width)
+        c.set_epoch(epoch)
+        return c(rows)
+
+    plain, augmented, again = collate(0), collate(7), collate(7)
+    assert set(augmented) - set(plain) == {"augment_real", "augment_fake"}
+    assert all(torch.equal(plain[k], augmented[k]) for k in plain)  # the other draws stay
+    for key in ("augment_real", "augment_fake"):
+        u = augmented[key]
+        assert u.shape == (8, 7) and 0 <= u.min() and u.max() < 1
+        assert torch.equal(u, again[key])  # (seed, epoch, index): the same every time
+    assert not torch.equal(augmented["augment_real"], augmented["augment_fake"])
+    assert not torch.equal(augmented["augment_real"], collate(7, epoch=1)["augment_real"])
+    assert "augment_real" not in collate(7, epoch=-1)  # held-out batches are as they are
+
+
+@pytest.mark.parametrize("family", GAN_FAMILIES)
+def test_with_diff_augment_d_sees_only_augmented_images_in_both_steps(family, cache_dir,
+                                                                       real_text, tmp_path):
+    """Every image D scores while training, real or generated, in D's step and in G's, is
+    the augmentation of that image with the batch's uniforms; at evaluation, none is."""
+    from overture.data.prepare import IndexedDataset
+    from overture.pretrain.gan.augment import augment
+
+    policy = ["color", "translation", "cutout"]
+    objective = prepare(_recipe(family, cache_dir, real_text, tmp_path,
+                                f"objective.diff_augment=[{','.join(policy)}]")).objective
+    phase = objective.recipe.resolved_phases()[0]
+    rows = IndexedDataset(objective._prepared.train).__getitems__(list(range(8)))
+    batch = objective.collator(phase)(rows)
+    models = objective.build_models()
+    seen = []
+    inner = models["discriminator"]
+    models["discriminator"] = lambda images, texts: seen.append(images) or inner(images, texts)
+    d_update, g_update = objective.updates()[:2]
+    torch.manual_seed(0)
+    objective.forward(models, batch, d_update)
+    real, fake = seen[0], seen[1]
+    assert torch.allclose(real, augment(batch["images"], batch["augment_real"], policy))
+    with torch.no_grad():
+        made, _ = models["generator"](batch["noise"], batch["text"], batch["eps"])
+    assert torch.allclose(fake, augment(made, batch["augment_fake"], policy), atol=1e-6)
+    seen.clear()
+    objective.forward(models, batch, g_update)
+    assert seen and torch.allclose(seen[0], augment(made, batch["augment_fake"], policy),
+                                   atol=1e-6)
+    assert seen[0].requires_grad  # G learns through the augmentation
+    held = objective.collator(phase)
+    held.set_epoch(-1)
+    seen.clear()
+    with torch.no_grad():
+        objective.discriminator_loss(models["discriminator"], held(rows), made)
+    assert torch.equal(seen[0], held(rows)["images"])
+
+
+
 @pytest.mark.parametrize("family", GAN_FAMILIES)
 def test_the_generator_steps_every_d_steps_and_logs_its_own_loss(family, cache_dir, real_text,
                                                                   tmp_path):
@@ -420,6 +524,8 @@ BAD = [
     ("an image size the generator cannot make", ["data.image_size=48"],
      "data.image_size=48: the gan-int-cls generator makes 16, 32, 64, 128"),
     ("every <= 0", ["objective.d_steps=0"], "objective.d_steps=0 must be a positive integer"),
+    ("an unknown augmentation", ["objective.diff_augment=[translate]"],
+     "objective.diff_augment"),
     ("a best metric without its judge", ["train.best_metric=caption_consistency"],
      "train.best_metric=caption_consistency needs objective.judge"),
 ]

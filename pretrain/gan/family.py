@@ -11,6 +11,9 @@ stepped by a third update, ``text_encoder``, on the discriminator's backward
 sample, the evaluation's and final/'s. Everything random in a step (noise, wrong captions, the augmentation's
 noise) is drawn by the collator from (seed, epoch, example), so a resumed run and an
 accumulated step are the uninterrupted run and the one big batch.
+With ``objective.diff_augment``, every image D scores while training, real or generated,
+is first augmented (DiffAugment, pretrain/gan/augment.py), with uniforms the collator
+draws in the same way.
 
 Discriminator losses (per example, summed; the engine divides by the batch):
   gan-int-cls: the matching-aware loss
@@ -28,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -41,7 +44,7 @@ from overture.config import Phase, choice_value, fraction
 from overture.errors import ConfigError
 from overture.objective import Update
 
-from . import networks
+from . import augment, networks
 from .captions import (ATTRIBUTES, CaptionedImagesConfig, Captions, attribute_classes,
                        captions_for, measure)
 
@@ -133,6 +136,10 @@ class GanObjectiveConfig:
     """Decay of the generator's EMA, which makes every sample (0: the generator itself)."""
     hflip: float = 0.0
     """Horizontal-flip probability of training images (0 for digits and text)."""
+    diff_augment: list[str] = field(default_factory=list)
+    """DiffAugment (Zhao et al. 2020) of every image D sees while training, real and
+    generated: any of color, translation, cutout, applied in that order ([]: off). Keeps
+    D from memorising a small image set."""
     judge: str | None = None
     """An image classifier checkpoint trained on these images' classes (an image final/):
     caption consistency, and FID's feature network unless Inception-v3 is present."""
@@ -164,6 +171,11 @@ class GanObjectiveConfig:
                 raise ConfigError(f"objective.{key}={value} must be a finite number >= 0")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"objective.ema_decay={self.ema_decay} must be in [0, 1)")
+        for name in self.diff_augment:
+            choice_value("objective.diff_augment", name, tuple(augment.OPERATIONS))
+        if len(set(self.diff_augment)) < len(self.diff_augment):
+            raise ConfigError(f"objective.diff_augment={self.diff_augment}: name each "
+                              "operation once")
         if self.grid_columns < 1:
             raise ConfigError(f"objective.grid_columns={self.grid_columns} must be >= 1")
         if self.fid_network == "judge" and self.judge is None:
@@ -176,7 +188,9 @@ class CaptionCollator:
     labelled), ``other`` [B, E] (for the INT term); ``noise`` [B, Z], ``eps`` and
     ``eps_int`` [B, C] (the conditioning augmentation's); ``labels`` [B] (-1: none),
     ``attributes`` [B, 3] (-1: none); ``text_index``, ``wrong_index``, ``other_index`` [B]
-    (the three captions' rows of the table, for a trained text encoder). Each example's
+    (the three captions' rows of the table, for a trained text encoder); while training
+    with DiffAugment, ``augment_real`` and ``augment_fake`` [B, A] (its uniforms, for the
+    real and the generated images; pretrain/gan/augment.py). Each example's
     draws are seeded by (seed, epoch, index); at evaluation (epoch -1) they are the same
     at every evaluation.
 
@@ -184,10 +198,11 @@ class CaptionCollator:
     workers receive those, not the objective and its models."""
 
     def __init__(self, table: np.ndarray, captions: Captions, labels: dict[str, np.ndarray],
-                 image_size: int, noise_dim: int, cond_dim: int, hflip: float, seed: int):
+                 image_size: int, noise_dim: int, cond_dim: int, hflip: float, seed: int,
+                 augment_width: int = 0):
         self.table, self.captions, self.labels = table, captions, labels
         self.size, self.noise_dim, self.cond_dim = image_size, noise_dim, cond_dim
-        self.hflip, self.seed = hflip, seed
+        self.hflip, self.seed, self.augment_width = hflip, seed, augment_width
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -201,8 +216,11 @@ class CaptionCollator:
         split = "eval" if held_out else "train"
         captions, labels = getattr(self.captions, split), self.labels[split]
         attributes = getattr(self.captions, f"{split}_attributes")
+        augmenting = self.augment_width > 0 and not held_out
         out: dict[str, list] = {k: [] for k in ("images", "text", "wrong", "other", "noise",
                                                 "eps", "eps_int")}
+        if augmenting:
+            out.update(augment_real=[], augment_fake=[])
         chosen: dict[str, list] = {"text_index": [], "wrong_index": [], "other_index": []}
         for index, item in zip(indices, zip(columns["image"], columns["path"],
                                             columns["height"], columns["width"])):
@@ -222,6 +240,9 @@ class CaptionCollator:
             out["noise"].append(rng.standard_normal(self.noise_dim, dtype=np.float32))
             out["eps"].append(rng.standard_normal(self.cond_dim, dtype=np.float32))
             out["eps_int"].append(rng.standard_normal(self.cond_dim, dtype=np.float32))
+            if augmenting:  # drawn last: without DiffAugment the other draws are unchanged
+                for key in ("augment_real", "augment_fake"):
+                    out[key].append(rng.random(self.augment_width, dtype=np.float32))
         batch = {"images": torch.stack(out.pop("images"))}
         batch.update({k: torch.from_numpy(np.stack(v)) for k, v in out.items()})
         batch.update({k: torch.tensor(v, dtype=torch.long) for k, v in chosen.items()})
@@ -358,7 +379,8 @@ class TextToImage:
         model = self.recipe.model
         return CaptionCollator(self.table, self.captions, self.labels, self.recipe.data.image_size,
                                model.noise_dim, model.condition_dim,
-                               self.recipe.objective.hflip, self.recipe.train.seed)
+                               self.recipe.objective.hflip, self.recipe.train.seed,
+                               augment.width(self.recipe.objective.diff_augment))
 
     def data_report(self, data, phase: Phase) -> dict[str, float]:
         stats = self.stats
@@ -524,6 +546,13 @@ class TextToImage:
 
     def discriminator_loss(self, discriminator, batch, fake) -> torch.Tensor:
         raise NotImplementedError
+
+    def augmented(self, images: torch.Tensor, batch: dict, which: str) -> torch.Tensor:
+        """``images`` as D sees them: through DiffAugment with the batch's ``which``
+        ("real" or "fake") uniforms while training, unchanged otherwise."""
+        u = batch.get(f"augment_{which}")
+        return images if u is None else augment.augment(images, u,
+                                                        self.recipe.objective.diff_augment)
 
     def generator_loss(self, generator, discriminator, batch) -> torch.Tensor:
         raise NotImplementedError
@@ -883,20 +912,21 @@ class GanIntCls(TextToImage):
             model.discriminator_width)
 
     def discriminator_loss(self, discriminator, batch, fake) -> torch.Tensor:
-        right, wrong = discriminator(batch["images"], [batch["text"], batch["wrong"]])
-        (fake_right,) = discriminator(fake, [batch["text"]])
+        real = self.augmented(batch["images"], batch, "real")
+        right, wrong = discriminator(real, [batch["text"], batch["wrong"]])
+        (fake_right,) = discriminator(self.augmented(fake, batch, "fake"), [batch["text"]])
         return _bce(right, 1.0) + 0.5 * (_bce(wrong, 0.0) + _bce(fake_right, 0.0))  # [B]
 
     def generator_loss(self, generator, discriminator, batch) -> torch.Tensor:
         obj = self.recipe.objective
         fake, kl = generator(batch["noise"], batch["text"], batch["eps"])
-        (score,) = discriminator(fake, [batch["text"]])
+        (score,) = discriminator(self.augmented(fake, batch, "fake"), [batch["text"]])
         loss = _bce(score, 1.0)
         if obj.interpolation_weight:
             b = obj.interpolation_beta
             h_int = b * batch["text"] + (1 - b) * batch["other"]
             fake_int, kl_int = generator(batch["noise"], h_int, batch["eps_int"])
-            (score_int,) = discriminator(fake_int, [h_int])
+            (score_int,) = discriminator(self.augmented(fake_int, batch, "fake"), [h_int])
             loss = loss + obj.interpolation_weight * _bce(score_int, 1.0)
             if kl_int is not None:
                 kl = kl + kl_int
@@ -923,14 +953,14 @@ class DFGan(TextToImage):
 
     def discriminator_loss(self, discriminator, batch, fake) -> torch.Tensor:
         obj = self.recipe.objective
-        images, text = batch["images"], batch["text"]
+        images, text = self.augmented(batch["images"], batch, "real"), batch["text"]
         penalty = obj.gp_weight > 0 and torch.is_grad_enabled()
-        if penalty:  # the gradient of D(x, h) at the real pair, wrt image and text
+        if penalty:  # the gradient of D(x, h) at the real pair as D sees it, wrt image and text
             images = images.detach().requires_grad_(True)
             if not text.requires_grad:  # a trained encoder's embedding stays in its graph
                 text = text.detach().requires_grad_(True)
         right, wrong = discriminator(images, [text, batch["wrong"]])
-        (fake_right,) = discriminator(fake, [batch["text"]])
+        (fake_right,) = discriminator(self.augmented(fake, batch, "fake"), [batch["text"]])
         loss = F.relu(1 - right) + 0.5 * (F.relu(1 + wrong) + F.relu(1 + fake_right))
         if penalty:
             grads = torch.autograd.grad(right.sum(), (images, text), create_graph=True)
@@ -940,5 +970,5 @@ class DFGan(TextToImage):
 
     def generator_loss(self, generator, discriminator, batch) -> torch.Tensor:
         fake, _ = generator(batch["noise"], batch["text"], None)
-        (score,) = discriminator(fake, [batch["text"]])
+        (score,) = discriminator(self.augmented(fake, batch, "fake"), [batch["text"]])
         return -score
