@@ -116,8 +116,7 @@ def test_the_matching_aware_discriminator_sees_three_pairings_per_batch(digits):
     out = digits.forward(models, batch, update)
     assert out["d_loss_sum"].requires_grad
     (real, (right, wrong)), (fake, (fake_text,)) = seen
-    # the recipe's DiffAugment applies to what D sees (tested on its own below)
-    assert torch.equal(real, digits.augmented(batch["images"], batch, "real"))
+    assert torch.equal(real, batch["images"])  # no DiffAugment in this recipe
     assert torch.equal(right, batch["text"])
     assert torch.equal(wrong, batch["wrong"]) and torch.equal(fake_text, batch["text"])
     assert not fake.requires_grad and fake.shape == real.shape  # G is not stepped by D's loss
@@ -435,6 +434,21 @@ def test_diff_augment_shifts_with_a_zero_border_cuts_a_half_square_and_keeps_gra
     assert torch.allclose(augment(y, torch.full((2, 3), 0.5), ["color"]), y, atol=1e-6)
     brighter = augment(y, torch.tensor([[0.8, 0.5, 0.5]] * 2), ["color"])
     assert torch.allclose(brighter - y, torch.full_like(y, 0.3), atol=1e-6)
+    grey = augment(y, torch.tensor([[0.5, 0.0, 0.5]] * 2), ["color"])  # saturation x 0
+    assert torch.allclose(grey, y.mean(1, keepdim=True).expand_as(y), atol=1e-6)
+    flat = augment(y, torch.tensor([[0.5, 0.5, 0.0]] * 2), ["color"])  # contrast x 1/2
+    mean = y.mean((1, 2, 3), keepdim=True)
+    assert torch.allclose(flat, (y - mean) * 0.5 + mean, atol=1e-6)
+    # a uniform just below 1 in bf16 still cuts inside the paper's range
+    top = augment(torch.ones(1, 1, 16, 16, dtype=torch.bfloat16),
+                  torch.tensor([[0.9999, 0.9999]]), ["cutout"])
+    assert int((top == 0).sum()) == 4 * 4  # centre 16: rows and columns 12..15 (not 13..15)
+    # and a bf16 image (bf16 autocast's generator) gets the shifts a float32 one gets
+    u = torch.rand(256, 4, generator=gen)
+    ramp = torch.arange(256.0).view(1, 1, 16, 16).expand(256, 1, 16, 16)
+    policy = ["translation", "cutout"]
+    assert torch.equal(augment(ramp.bfloat16(), u, policy).float(),
+                       augment(ramp, u, policy).bfloat16().float())
 
 
 def test_diff_augment_draws_per_example_after_every_other_draw_and_not_at_evaluation(digits):
@@ -491,12 +505,20 @@ def test_with_diff_augment_d_sees_only_augmented_images_in_both_steps(family, ca
     assert seen and torch.allclose(seen[0], augment(made, batch["augment_fake"], policy),
                                    atol=1e-6)
     assert seen[0].requires_grad  # G learns through the augmentation
+    if family == "gan-int-cls":  # the INT term's image, too
+        b = objective.recipe.objective.interpolation_beta
+        h_int = b * batch["text"] + (1 - b) * batch["other"]
+        with torch.no_grad():
+            made_int, _ = models["generator"](batch["noise"], h_int, batch["eps_int"])
+        assert len(seen) == 2 and torch.allclose(
+            seen[1], augment(made_int, batch["augment_fake"], policy), atol=1e-6)
     held = objective.collator(phase)
     held.set_epoch(-1)
+    evaluation = held(rows)
     seen.clear()
     with torch.no_grad():
-        objective.discriminator_loss(models["discriminator"], held(rows), made)
-    assert torch.equal(seen[0], held(rows)["images"])
+        objective.discriminator_loss(models["discriminator"], evaluation, made)
+    assert torch.equal(seen[0], evaluation["images"]) and torch.equal(seen[-1], made)
 
 
 

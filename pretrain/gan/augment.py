@@ -8,7 +8,9 @@ applied to its output, not to the targets it must match.
 The random numbers are not drawn here: the collator draws ``width(policy)`` uniforms per
 image from the example's own (seed, epoch, index) generator, as every other random choice
 of a step, so that a resumed run and an accumulated step are the uninterrupted run and the
-one big batch. ``augment`` is then a pure function of the images and those numbers.
+one big batch. ``augment`` is then a pure function of the images and those numbers. One
+set serves the real images and one the generated ones of a step (D's and G's update, and
+GAN-INT-CLS's interpolated images, alike), where the paper draws afresh at every call.
 
 The operations and their ranges are the paper's (images in [-1, 1]):
   color:       brightness + (u - 0.5); saturation x (2u); contrast x (u + 0.5)
@@ -32,8 +34,9 @@ def width(policy: list[str]) -> int:
 
 def augment(x: torch.Tensor, u: torch.Tensor, policy: list[str]) -> torch.Tensor:
     """``x`` [B, C, H, W] augmented by ``policy`` (applied in order), reading the
-    uniforms ``u`` [B, width(policy)] in [0, 1). Differentiable in ``x``."""
-    u = u.to(x.dtype)
+    uniforms ``u`` [B, width(policy)] in [0, 1). Differentiable in ``x``. Shifts and
+    positions are computed from ``u`` in float32 (bf16 would round u near 1 up to 1)."""
+    u = u.float()
     for name in policy:
         k = OPERATIONS[name]
         x = _APPLY[name](x, u[:, :k])
@@ -42,7 +45,7 @@ def augment(x: torch.Tensor, u: torch.Tensor, policy: list[str]) -> torch.Tensor
 
 
 def _color(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    b = u[:, :, None, None]  # [B, 3, 1, 1]
+    b = u[:, :, None, None].to(x.dtype)  # [B, 3, 1, 1]
     x = x + (b[:, 0:1] - 0.5)
     mean = x.mean(1, keepdim=True)
     x = (x - mean) * (2 * b[:, 1:2]) + mean
@@ -67,8 +70,8 @@ def _cutout(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     n, _, h, w = x.shape
     ch, cw = int(h * 0.5 + 0.5), int(w * 0.5 + 0.5)
     # the square's centre in [0, side + 1 - cut % 2), as the paper draws it
-    cy = (u[:, 0] * (h + 1 - ch % 2)).long()  # [B]
-    cx = (u[:, 1] * (w + 1 - cw % 2)).long()
+    cy = (u[:, 0] * (h + 1 - ch % 2)).long().clamp(max=h - ch % 2)  # [B]
+    cx = (u[:, 1] * (w + 1 - cw % 2)).long().clamp(max=w - cw % 2)
     ys = torch.arange(h, device=x.device)[None] - (cy - ch // 2)[:, None]  # [B, H]
     xs = torch.arange(w, device=x.device)[None] - (cx - cw // 2)[:, None]  # [B, W]
     inside = ((ys >= 0) & (ys < ch))[:, :, None] & ((xs >= 0) & (xs < cw))[:, None, :]

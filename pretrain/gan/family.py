@@ -138,8 +138,8 @@ class GanObjectiveConfig:
     """Horizontal-flip probability of training images (0 for digits and text)."""
     diff_augment: list[str] = field(default_factory=list)
     """DiffAugment (Zhao et al. 2020) of every image D sees while training, real and
-    generated: any of color, translation, cutout, applied in that order ([]: off). Keeps
-    D from memorising a small image set."""
+    generated: any of color, translation, cutout, applied in the order given ([]: off).
+    Keeps D from memorising a small image set."""
     judge: str | None = None
     """An image classifier checkpoint trained on these images' classes (an image final/):
     caption consistency, and FID's feature network unless Inception-v3 is present."""
