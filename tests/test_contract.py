@@ -163,8 +163,8 @@ def test_a_gan_with_a_trained_text_encoder_takes_the_same_step_on_two_processes(
         recipe, objective, big = _batch_of_8(family, cache_dir, real_text, None,
                                              *TRAINED_ENCODER)
         expected = sgd_step(recipe, objective, [big], Accelerator(cpu=True))
-        parallel = torch.load(two_processes / f"{family}+text_encoder-ddp.pt",
-                              weights_only=True)
+        path = two_processes / f"{family}+text_encoder-ddp.pt"
+        parallel = torch.load(path, weights_only=True)
         atol = 1e-5 if family == "dfgan" else 1e-6  # see test_gan.py: the penalty's rounding
         assert torch.allclose(expected, parallel, atol=atol, rtol=0), family
 
