@@ -547,7 +547,9 @@ BAD = [
      "data.image_size=48: the gan-int-cls generator makes 16, 32, 64, 128"),
     ("every <= 0", ["objective.d_steps=0"], "objective.d_steps=0 must be a positive integer"),
     ("an unknown augmentation", ["objective.diff_augment=[translate]"],
-     "objective.diff_augment"),
+     "objective.diff_augment='translate' is not one of"),
+    ("an augmentation named twice", ["objective.diff_augment=[cutout,cutout]"],
+     "objective.diff_augment=['cutout', 'cutout']: name each operation once"),
     ("a best metric without its judge", ["train.best_metric=caption_consistency"],
      "train.best_metric=caption_consistency needs objective.judge"),
 ]
