@@ -176,6 +176,15 @@ EVAL_SETTINGS = ("train.batch_size=4", "train.eval_batches=7")
 Accelerate's padding."""
 
 
+def assert_same_step(expected, got, tolerance: float, what: str = "") -> None:
+    """Two ``sgd_step`` results are equal to float32 rounding: their largest difference
+    is at most ``tolerance`` times the larger of 1 and the largest parameter (a step of
+    10^3 rounds at 10^-4, a step of 1 at 10^-7)."""
+    scale = max(1.0, float(expected.abs().max()))
+    diff = float((expected - got).abs().max())
+    assert diff <= tolerance * scale, f"{what}: max difference {diff:.3g} at scale {scale:.3g}"
+
+
 def eval_metrics(recipe, accelerator) -> dict:
     """The engine's evaluation of the family's seed-0 models on ``recipe``'s held-out
     examples (``train.eval_batches`` batches), plus the number of examples evaluated."""

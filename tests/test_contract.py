@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (EVAL_SETTINGS, GAN_FAMILIES, IMAGE_TINY, classify_inputs, continued,
-                     eval_metrics, prepare, records, sgd_step, text_families, tiny, tiny_name)
+from helpers import (EVAL_SETTINGS, GAN_FAMILIES, IMAGE_TINY, assert_same_step, classify_inputs,
+                     continued, eval_metrics, prepare, records, sgd_step, text_families, tiny,
+                     tiny_name)
 from overture.atomic import COMPLETE
 from overture.checkpoint import latest_checkpoint
 from overture.config import bundled_recipes, load_recipe
@@ -165,8 +166,10 @@ def test_a_gan_with_a_trained_text_encoder_takes_the_same_step_on_two_processes(
         expected = sgd_step(recipe, objective, [big], Accelerator(cpu=True))
         path = two_processes / f"{family}+text_encoder-ddp.pt"
         parallel = torch.load(path, weights_only=True)
-        atol = 1e-5 if family == "dfgan" else 1e-6  # see test_gan.py: the penalty's rounding
-        assert torch.allclose(expected, parallel, atol=atol, rtol=0), family
+        # gan-int-cls-digits' conditioning augmentation takes SGD steps of ~10^3 here (its
+        # KL through the tiny test encoder's standardised embedding): rounding relative
+        # to that; DF-GAN's penalty, see test_gan.py
+        assert_same_step(expected, parallel, 1e-5, family)
 
 
 def test_evaluation_counts_each_example_once_whatever_the_process_count(

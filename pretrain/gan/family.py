@@ -61,7 +61,8 @@ class GanModelConfig:
     noise_dim: int = 100
     """Size of the noise z."""
     condition_dim: int = 128
-    """Size the text embedding is projected to (gan-int-cls; dfgan fuses it whole)."""
+    """Size the text embedding is projected to (gan-int-cls, a backbone discriminator and
+    the conditioning augmentation; dfgan's generator otherwise fuses it whole)."""
     generator_width: int = 64
     """Channels of the generator's last block (doubled towards 4x4)."""
     discriminator_width: int = 64
@@ -99,6 +100,11 @@ class GanModelConfig:
         return "image_size", 1 << 30  # images have no position table
 
 
+FAMILY_KEYS = {"gan-int-cls": {"interpolation_weight": 1.0, "interpolation_beta": 0.5},
+               "dfgan": {"gp_weight": 2.0, "gp_power": 6.0}}
+"""Objective keys of one family, with its defaults; the other family refuses them."""
+
+
 @dataclass
 class GanObjectiveConfig:
     """objective: section of a text-to-image recipe."""
@@ -120,18 +126,21 @@ class GanObjectiveConfig:
     once."""
     d_steps: int = 1
     """Discriminator steps per generator step (the generator's Update.every)."""
-    interpolation_weight: float = 1.0
-    """gan-int-cls: weight of the INT term (0: off)."""
-    interpolation_beta: float = 0.5
-    """gan-int-cls: h_int = beta h + (1 - beta) h_other."""
+    # The keys of one family are refused by the other (a setting is never ignored); null
+    # is the family's default, filled in by validate.
+    interpolation_weight: float | None = None
+    """gan-int-cls: weight of the INT term (0: off; null: 1)."""
+    interpolation_beta: float | None = None
+    """gan-int-cls: h_int = beta h + (1 - beta) h_other (null: 0.5)."""
     conditioning_augmentation: bool = False
-    """gan-int-cls: StackGAN's sampled condition with its KL term."""
-    kl_weight: float = 2.0
-    """Weight of the conditioning augmentation's KL term."""
-    gp_weight: float = 2.0
-    """dfgan: k of the matching-aware gradient penalty (0: off)."""
-    gp_power: float = 6.0
-    """dfgan: p of the matching-aware gradient penalty."""
+    """StackGAN's sampled condition with its KL term: gan-int-cls's projection, or a
+    ``model.condition_dim`` projection in front of dfgan's fusion blocks."""
+    kl_weight: float | None = None
+    """Weight of the conditioning augmentation's KL term (null: StackGAN's 2)."""
+    gp_weight: float | None = None
+    """dfgan: k of the matching-aware gradient penalty (0: off; null: 2)."""
+    gp_power: float | None = None
+    """dfgan: p of the matching-aware gradient penalty (null: 6)."""
     ema_decay: float = 0.999
     """Decay of the generator's EMA, which makes every sample (0: the generator itself)."""
     hflip: float = 0.0
@@ -164,10 +173,13 @@ class GanObjectiveConfig:
         if not isinstance(self.d_steps, int) or self.d_steps < 1:
             raise ConfigError(f"objective.d_steps={self.d_steps} must be a positive integer "
                               "(discriminator steps per generator step)")
-        fraction(self, "objective", "interpolation_beta", "hflip")
+        self._family_defaults()
+        fraction(self, "objective", "hflip")
+        if self.interpolation_beta is not None:
+            fraction(self, "objective", "interpolation_beta")
         for key in ("interpolation_weight", "kl_weight", "gp_weight", "gp_power"):
             value = getattr(self, key)
-            if not (math.isfinite(value) and value >= 0):
+            if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"objective.{key}={value} must be a finite number >= 0")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"objective.ema_decay={self.ema_decay} must be in [0, 1)")
@@ -180,6 +192,25 @@ class GanObjectiveConfig:
             raise ConfigError(f"objective.grid_columns={self.grid_columns} must be >= 1")
         if self.fid_network == "judge" and self.judge is None:
             raise ConfigError("objective.fid_network=judge needs objective.judge")
+
+    def _family_defaults(self) -> None:
+        """Refuse the other family's keys and a KL weight without the augmentation; fill
+        in this family's defaults where the recipe left them null."""
+        for family, keys in FAMILY_KEYS.items():
+            for key, default in keys.items():
+                if family == self.name:
+                    if getattr(self, key) is None:
+                        setattr(self, key, default)
+                elif getattr(self, key) is not None:
+                    raise ConfigError(f"objective.{key}={getattr(self, key)}: a {family} "
+                                      f"setting, unused by {self.name}; remove it")
+        if self.conditioning_augmentation:
+            if self.kl_weight is None:
+                self.kl_weight = 2.0
+        elif self.kl_weight is not None:
+            raise ConfigError(f"objective.kl_weight={self.kl_weight}: the weight of the "
+                              "conditioning augmentation's KL term, which is off; set "
+                              "objective.conditioning_augmentation=true or remove it")
 
 
 class CaptionCollator:
@@ -943,9 +974,12 @@ class DFGan(TextToImage):
     sizes = (16, 32, 64, 128, 256)
 
     def generator_args(self) -> dict:
-        model = self.recipe.model
-        return {"image_size": self.recipe.data.image_size, "noise_dim": model.noise_dim,
+        model, obj = self.recipe.model, self.recipe.objective
+        args = {"image_size": self.recipe.data.image_size, "noise_dim": model.noise_dim,
                 "text_dim": self.text_dim, "width": model.generator_width}
+        if obj.conditioning_augmentation:  # absent otherwise: older exports read the same
+            args.update(cond_dim=model.condition_dim, augment=True)
+        return args
 
     def build_discriminator(self) -> nn.Module:
         return self._backbone_discriminator() or networks.DFGANDiscriminator(
@@ -969,6 +1003,8 @@ class DFGan(TextToImage):
         return loss
 
     def generator_loss(self, generator, discriminator, batch) -> torch.Tensor:
-        fake, _ = generator(batch["noise"], batch["text"], None)
+        fake, kl = generator(batch["noise"], batch["text"], batch["eps"])
         (score,) = discriminator(self.augmented(fake, batch, "fake"), [batch["text"]])
+        if kl is not None:
+            return -score + self.recipe.objective.kl_weight * kl
         return -score

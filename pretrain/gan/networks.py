@@ -180,22 +180,30 @@ def _dfgan_widths(image_size: int, width: int) -> list[int]:
 
 class DFGANGenerator(nn.Module):
     """DF-GAN's one-stage generator: noise -> 4x4 map, then up-sampling blocks whose every
-    normalisation is a text-conditioned affine fusion of y = [z, h]."""
+    normalisation is a text-conditioned affine fusion of y = [z, h]; with ``augment``,
+    y = [z, c], c StackGAN's sampled condition of h (``Conditioning``, ``cond_dim`` wide)."""
 
-    def __init__(self, image_size: int, noise_dim: int, text_dim: int, width: int):
+    def __init__(self, image_size: int, noise_dim: int, text_dim: int, width: int,
+                 cond_dim: int = 0, augment: bool = False):
         super().__init__()
         widths = _dfgan_widths(image_size, width)
-        cond = noise_dim + text_dim
+        # without augmentation the text is fused whole, as DF-GAN does (no projection)
+        self.cond = Conditioning(text_dim, cond_dim, True) if augment else None
+        cond = noise_dim + (cond_dim if augment else text_dim)
         self.fc = nn.Linear(noise_dim, widths[0] * 16)
         self.blocks = nn.ModuleList(UpBlock(cond, a, b) for a, b in zip(widths, widths[1:]))
         self.out = nn.Conv2d(widths[-1], 3, 3, 1, 1)
 
     def forward(self, z: torch.Tensor, h: torch.Tensor, eps: torch.Tensor | None = None):
+        """(images [B, 3, S, S], KL [B] or None)."""
+        kl = None
+        if self.cond is not None:
+            h, kl = self.cond(h, eps)
         y = torch.cat([z, h], 1)
         x = self.fc(z).view(len(z), -1, 4, 4)
         for block in self.blocks:
             x = block(x, y)
-        return torch.tanh(self.out(F.leaky_relu(x, 0.2))), None
+        return torch.tanh(self.out(F.leaky_relu(x, 0.2))), kl
 
 
 class DownBlock(nn.Module):
