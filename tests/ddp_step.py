@@ -15,7 +15,8 @@ from accelerate import Accelerator
 
 import json
 
-from helpers import EVAL_SETTINGS, continued, eval_metrics, prepare, sgd_step, tiny
+from helpers import (EVAL_SETTINGS, TRAINED_ENCODER, continued, eval_metrics, prepare, sgd_step,
+                     tiny)
 
 cache_dir, corpus, work = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 accelerator = Accelerator(cpu=True)
@@ -24,7 +25,7 @@ for item in sys.argv[4:]:
     # FAMILY, or FAMILY+init=CHECKPOINT: the family continuing a checkpoint (step only)
     name, _, checkpoint = item.partition("=")
     family, _, variant = name.partition("+")
-    extra = ["objective.train_text_encoder=true"] if variant == "text_encoder" else []
+    extra = list(TRAINED_ENCODER) if variant == "text_encoder" else []
     recipe = (continued(family, checkpoint, "unused", cache_dir, corpus) if checkpoint
               else tiny(family, "unused", cache_dir, corpus, *extra))
     big = torch.load(work / f"{name}-batch.pt", weights_only=True)

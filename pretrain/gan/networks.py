@@ -187,6 +187,8 @@ class DFGANGenerator(nn.Module):
                  cond_dim: int = 0, augment: bool = False):
         super().__init__()
         widths = _dfgan_widths(image_size, width)
+        if augment and cond_dim < 1:
+            raise ValueError(f"the conditioning augmentation needs cond_dim >= 1, not {cond_dim}")
         # without augmentation the text is fused whole, as DF-GAN does (no projection)
         self.cond = Conditioning(text_dim, cond_dim, True) if augment else None
         cond = noise_dim + (cond_dim if augment else text_dim)
