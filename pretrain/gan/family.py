@@ -126,8 +126,8 @@ class GanObjectiveConfig:
     once."""
     d_steps: int = 1
     """Discriminator steps per generator step (the generator's Update.every)."""
-    # The keys of one family are refused by the other (a setting is never ignored); null
-    # is the family's default, filled in by validate.
+    # The keys of one family are refused by the other, not ignored; null is the family's
+    # default, filled in by validate.
     interpolation_weight: float | None = None
     """gan-int-cls: weight of the INT term (0: off; null: 1)."""
     interpolation_beta: float | None = None
