@@ -30,6 +30,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # trains, not what it trains on. A changed batch size or process count re-shards the data
 # position (engine.TrainState.reshard). Everything else must match the checkpoint.
 RESUMABLE = {"name", "description", "output_dir", "data.cache_dir", "data.num_proc",
+             "model.unpadded",
              *(f"train.{key}" for key in (
                  "max_steps", "epochs", "max_time", "lr", "warmup_steps", "warmup_ratio",
                  "lr_schedule", "max_grad_norm", "batch_size", "gradient_accumulation_steps",

@@ -63,6 +63,7 @@ class Bert(MaskedLMFamily):
                 **mlm, "cls.seq_relationship": "the NSP head",
                 "bert.pooler": "the pooler under the NSP head"}, fresh)
             return MaskedLMModule(model, "bert", "cls.predictions", "cls.seq_relationship",
-                                  "nsp")
+                                  "nsp", unpadded=self.recipe.model.unpadded_forward())
         model = self.instantiate(BertForMaskedLM, config, mlm, fresh)
-        return MaskedLMModule(model, "bert", "cls.predictions")
+        return MaskedLMModule(model, "bert", "cls.predictions",
+                              unpadded=self.recipe.model.unpadded_forward())

@@ -56,7 +56,7 @@ class TextFamily:
         """The ``model:`` section's values that a transformers config of this family
         holds, under the section's names (the attention kernel is the recipe's)."""
         names = {f.name for f in dataclasses.fields(cls.model_config)} - {
-            "init_from", "attn_implementation"}
+            "init_from", "attn_implementation", "unpadded"}
         return {k: getattr(config, k) for k in names if hasattr(config, k)}
 
     def instantiate(self, model_class, config, heads: dict[str, str], fresh: bool):

@@ -148,7 +148,7 @@ def _family_hint(model_type: str) -> str:
 def training_settings(section) -> dict:
     """The model section's keys that are not the architecture: dropout, initialisation,
     attention kernel (the recipe's, set on the checkpoint's config)."""
-    skip = {*type(section).architecture, "init_from", "attn_implementation"}
+    skip = {*type(section).architecture, "init_from", "attn_implementation", "unpadded"}
     return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
             if f.name not in skip}
 

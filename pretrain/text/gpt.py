@@ -13,6 +13,7 @@ from torch import nn
 
 from ...config import ConfigError, Phase, choice, fraction, positive
 from ...data.tokenizer import TokenizerSpec
+from ...dropout import use_cheaper_dropout
 from ...objective import Update
 from .builders import CausalBlocks
 from .common import TextFamily, transformer_flops_per_token
@@ -110,6 +111,7 @@ class CausalLMModule(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        use_cheaper_dropout(model)  # the residual and embedding dropouts' masks
         # DeepSpeed ZeRO-3 gathers a weight only inside its module's own forward: there the
         # head runs as a module, unfused
         from transformers.integrations import is_deepspeed_zero3_enabled

@@ -19,6 +19,7 @@ from torch import nn
 
 from ...config import ConfigError, Phase, choice, fraction, positive
 from ...data.prepare import pad_rows
+from ...dropout import use_cheaper_dropout
 from ...objective import Update
 from .builders import StaticMasking
 from .common import TextFamily, read_phrases, transformer_flops_per_token
@@ -47,6 +48,10 @@ class EncoderConfig:
     """Std of the truncated-normal weight initialisation."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa (torch scaled_dot_product_attention) or eager."""
+    unpadded: bool | None = None
+    """Train on the real tokens only: the layers skip the batch's padding (ModernBERT's
+    unpadding, pretrain/text/unpadded.py; a third of BERT's slots on WikiText-2). null:
+    on with attn_implementation=sdpa, off with eager; true needs sdpa."""
     init_from: str | None = None
     """Continue pretraining from a checkpoint of this family: an overture final/ (or the
     run folder holding it), a transformers folder or a Hub name. Its config sets the
@@ -61,7 +66,7 @@ class EncoderConfig:
 
     def hf_settings(self) -> dict:
         """The section as transformers config keyword arguments."""
-        return {k: v for k, v in asdict(self).items() if k != "init_from"}
+        return {k: v for k, v in asdict(self).items() if k not in ("init_from", "unpadded")}
 
     def validate(self) -> None:
         positive(self, "model", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -72,6 +77,14 @@ class EncoderConfig:
                 f"model.num_attention_heads={self.num_attention_heads}")
         choice(self, "model", "attn_implementation", ("sdpa", "eager"))
         fraction(self, "model", "hidden_dropout_prob", "attention_probs_dropout_prob")
+        if self.unpadded and self.attn_implementation != "sdpa":
+            raise ConfigError(f"model.unpadded=true runs torch SDPA attention, but "
+                              f"model.attn_implementation={self.attn_implementation!r}: set "
+                              "model.attn_implementation=sdpa or model.unpadded=false")
+
+    def unpadded_forward(self) -> bool:
+        """``unpadded`` resolved: null is on with the SDPA kernel."""
+        return self.attn_implementation == "sdpa" if self.unpadded is None else self.unpadded
 
     def position_limit(self) -> tuple[str, int]:
         """(key, value) bounding every phase's max_seq_len."""
@@ -195,36 +208,57 @@ class MaskedLMModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, encoder: str, mlm_head: str,
-                 sentence_head: str | None = None, sentence_task: str | None = None):
+                 sentence_head: str | None = None, sentence_task: str | None = None,
+                 unpadded: bool = False):
         super().__init__()
         self.model = model
         # FSDP's auto-wrap looks for the transformer layer classes here
         self._no_split_modules = getattr(model, "_no_split_modules", None)
         self.paths = (encoder, mlm_head, sentence_head)
         self.sentence_task = sentence_task
+        self.unpadded = unpadded  # model.unpadded: the layers see the real tokens only
+        use_cheaper_dropout(model)
+        if unpadded:
+            from .unpadded import use_unpadded_attention
+
+            use_unpadded_attention(model)
 
     def compile(self, *args, **kwargs) -> None:
         """``train.compile``: the encoder and the heads are compiled one by one; between
         them, the selection of the masked positions has a data-dependent shape that
-        would break one graph around it."""
-        for path in self.paths:
-            if path:
-                operator.attrgetter(path)(self.model).compile(*args, **kwargs)
+        would break one graph around it. Unpadded, the encoder's layers are compiled
+        for a varying number of tokens."""
+        encoder, *heads = (operator.attrgetter(p)(self.model) for p in self.paths if p)
+        if self.unpadded:  # encode_unpadded calls the encoder's parts, not its forward
+            for part in (encoder.embeddings, encoder.encoder):
+                part.compile(*args, **{"dynamic": True, **kwargs})
+        else:
+            encoder.compile(*args, **kwargs)
+        for head in heads:
+            head.compile(*args, **kwargs)
 
     def forward(self, input_ids, attention_mask, labels, token_type_ids=None,
                 sentence_label=None) -> dict[str, torch.Tensor]:
         encoder, mlm_head, sentence_head = (operator.attrgetter(p)(self.model) if p else None
                                             for p in self.paths)
-        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        out = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        selected = labels != IGNORE_INDEX  # [B, L]
-        logits = mlm_head(out.last_hidden_state[selected])  # [M, V]
+        if self.unpadded:
+            from .unpadded import encode_unpadded
+
+            hidden, pooled, packing = encode_unpadded(encoder, input_ids, attention_mask,
+                                                      token_type_ids)  # [N, H], [B, H]
+            labels = packing.pack(labels)  # [N], in the order of hidden's rows
+        else:
+            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            out = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
+            hidden, pooled = out.last_hidden_state, out.pooler_output  # [B, L, H], [B, H]
+        selected = labels != IGNORE_INDEX  # [N] or [B, L]
+        logits = mlm_head(hidden[selected])  # [M, V]
         targets = labels[selected]  # [M]
         sums = {"mlm_loss_sum": F.cross_entropy(logits.float(), targets, reduction="sum"),
                 "mlm_correct": (logits.argmax(-1) == targets).sum()}
         if sentence_head is not None:
             task = self.sentence_task
-            logits = sentence_head(out.pooler_output)  # [B, 2]
+            logits = sentence_head(pooled)  # [B, 2]
             sums[f"{task}_loss_sum"] = F.cross_entropy(logits.float(), sentence_label,
                                                        reduction="sum")
             sums[f"{task}_correct"] = (logits.argmax(-1) == sentence_label).sum()

@@ -1,0 +1,72 @@
+"""Dropout whose random mask costs a third of torch's on a CPU.
+
+On 2 CPU cores, ``bernoulli_`` (the mask of ``nn.Dropout`` and of SDPA's attention
+dropout) was 16-22% of a BERT 256 x 4 training step: torch's CPU generator draws one
+32-bit number per element and converts it to a float. Here one draw of 31 random bits
+gives two elements a 15-bit uniform number each, compared with ``p`` quantized to 1/32768
+(p = 0.1 keeps with probability 0.8999939 instead of 0.9). The masks come from torch's
+generator, so ``torch.manual_seed`` and the engine's saved RNG state reproduce them. On
+other devices (CUDA's fused Philox dropout is already cheap) it is ``F.dropout``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEVELS = 1 << 15
+"""The keep mask compares a 15-bit uniform number with round(p * LEVELS)."""
+
+
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """A bool mask of ``shape``, True with probability 1 - round(p * LEVELS) / LEVELS."""
+    n = shape.numel()
+    bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=device).random_()  # [0, 2^31)
+    halves = bits.view(torch.int16)[:n] & (LEVELS - 1)  # both 16-bit halves: 15 uniform bits
+    return (halves >= round(p * LEVELS)).view(shape)
+
+
+class _MaskedScale(torch.autograd.Function):
+    """x * mask, where mask is 1 / (1 - p) at a kept element and 0 elsewhere: one pass
+    forward and one backward (native dropout's bool mask costs a cast and a second
+    multiplication in each)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        scale, zero = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (1 / (1 - p), 0))
+        mask = torch.where(keep_mask(x.shape, p, x.device), scale, zero)
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout(x, p, training)``, with the cheaper mask on a CPU."""
+    if not training or p == 0.0 or x.device.type != "cpu" or p == 1.0:
+        return F.dropout(x, p, training)
+    return _MaskedScale.apply(x, p)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the cheaper CPU mask (no weights: state dicts are unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:  # the in-place form keeps torch's kernel
+            return super().forward(x)
+        return dropout(x, self.p, self.training)
+
+
+def use_cheaper_dropout(model: nn.Module) -> int:
+    """Make every plain ``nn.Dropout`` in ``model`` a ``Dropout`` (in place; subclasses
+    such as Dropout2d are left). Returns how many were changed."""
+    changed = 0
+    for module in model.modules():
+        if type(module) is nn.Dropout:
+            module.__class__ = Dropout
+            changed += 1
+    return changed

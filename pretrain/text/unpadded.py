@@ -1,0 +1,133 @@
+"""Padding-free training forward for the masked-LM encoders (BERT, RoBERTa, ALBERT).
+
+A third of a BERT batch on WikiText-2 is padding (real tokens / slots: 0.69): a pair
+ends at its document's last sentence, and 10% are drawn short (``short_seq_prob``). The
+stock forward runs every linear layer, GELU, LayerNorm and dropout on those slots too.
+Here, as ModernBERT does, the real tokens of the batch are packed into one sequence of N
+before the first layer, so that every per-token operation runs on N rows instead of B x T.
+Only attention needs the rows apart: it puts q, k, v back in [B, heads, T, d] (zeros at
+the padding), runs torch SDPA with the key-padding mask, and takes the real rows out.
+
+The model stays the stock transformers one: its own embeddings, layers and pooler run
+(FSDP's per-layer hooks fire as usual), and ``final/`` loads with plain transformers. The
+only change is the attention function its layers look up: ``ATTENTION``, registered with
+transformers' ``AttentionInterface`` (with SDPA's mask), which is transformers' own SDPA
+when it is called without a ``packing`` (a padded batch from any other caller).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ...dropout import dropout as cheaper_dropout
+
+ATTENTION = "overture_unpadded"
+"""The attention implementation name set on a model trained padding-free (not saved in its
+config.json: transformers does not write the attention implementation)."""
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where the N real tokens of a right-padded [B, T] batch sit."""
+
+    rows: torch.Tensor
+    """[N] the row of each real token, in row order."""
+    columns: torch.Tensor
+    """[N] its position in the row."""
+    key_mask: torch.Tensor
+    """[B, 1, 1, T] True at a real token (the keys attention may read)."""
+
+    @classmethod
+    def of(cls, attention_mask: torch.Tensor) -> Packing:
+        real = attention_mask.bool()  # [B, T]
+        # nonzero: N must be known on the host (one sync on a GPU, as varlen kernels need)
+        rows, columns = real.nonzero(as_tuple=True)
+        return cls(rows, columns, real[:, None, None, :])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [N, ...]: the real tokens only."""
+        return x[self.rows, self.columns]
+
+    def unpack_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, heads, d] -> [B, heads, T, d], contiguous (as bmm reads it), zeros at the
+        padding."""
+        batch, _, _, length = self.key_mask.shape
+        out = x.new_zeros(batch, x.shape[1], length, x.shape[2]).transpose(1, 2)
+        # index_put keeps the [B, heads, T, d] layout of the zeros it writes into
+        return out.index_put((self.rows, self.columns), x).transpose(1, 2)
+
+    def first_tokens(self) -> torch.Tensor:
+        """[B] the packed position of each row's first token ([CLS], read by the pooler)."""
+        lengths = self.key_mask.flatten(1).sum(1)
+        return lengths.cumsum(0) - lengths
+
+
+def unpadded_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, attention_mask: torch.Tensor | None,
+                       dropout: float = 0.0, scaling: float | None = None,
+                       packing: Packing | None = None, **kwargs):
+    """transformers' attention-interface signature. With ``packing``: query, key, value
+    are [1, heads, N, d], the packed real tokens; returns ([1, N, heads, d], None).
+    Without: transformers' SDPA on a padded batch."""
+    if packing is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, **kwargs)
+    # [1, heads, N, d] -> [N, heads, d] (the projection's own layout) -> [B, heads, T, d]
+    q, k, v = (packing.unpack_heads(x[0].transpose(0, 1)) for x in (query, key, value))
+    if dropout and q.device.type == "cpu":
+        # SDPA's math path, with the cheaper dropout mask (overture.dropout): SDPA would
+        # draw it with bernoulli_, the largest single cost of a CPU step
+        batch, heads, length, width = q.shape
+        scale = width ** -0.5 if scaling is None else scaling
+        bias = torch.zeros(packing.key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~packing.key_mask, float("-inf")).expand(-1, heads, -1, -1)  # [B, heads, 1, T]
+        scores = torch.baddbmm(bias.reshape(batch * heads, 1, length), q.flatten(0, 1),
+                               k.flatten(0, 1).transpose(1, 2), alpha=scale)  # [BH, T, T]
+        probs = cheaper_dropout(scores.softmax(-1), dropout)
+        out = torch.bmm(probs, v.flatten(0, 1)).unflatten(0, (batch, heads))
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.key_mask,
+                                             dropout_p=dropout, scale=scaling)
+    return packing.pack(out.transpose(1, 2))[None], None  # out: [B, heads, T, d]
+
+
+AttentionInterface.register(ATTENTION, unpadded_attention)
+# a padded call builds SDPA's mask (an unknown name would pass the [B, T] mask on as it is)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def use_unpadded_attention(model: nn.Module) -> None:
+    """Make ``model``'s layers look up ``unpadded_attention`` (in place)."""
+    model.set_attn_implementation(ATTENTION)
+
+
+def encode_unpadded(encoder: nn.Module, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
+    """A BertModel / RobertaModel / AlbertModel forward over the real tokens only.
+
+    Returns (hidden [N, H] of the real tokens in row order, pooled [B, H] or None, the
+    ``Packing``). The embeddings run on the padded batch, as stock (RoBERTa numbers its
+    positions from the padding); everything after them on the N real tokens.
+    """
+    packing = Packing.of(attention_mask)
+    extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+    embedded = encoder.embeddings(input_ids=input_ids, **extra)  # [B, T, E]
+    hidden = encoder.encoder(packing.pack(embedded)[None], None,
+                             packing=packing).last_hidden_state[0]  # [N, H]
+    return hidden, pool(encoder, hidden[packing.first_tokens()]), packing
+
+
+def pool(encoder: nn.Module, first: torch.Tensor) -> torch.Tensor | None:
+    """The model's own pooler on the rows' first tokens ``first`` [B, H]."""
+    if getattr(encoder, "pooler", None) is None:
+        return None
+    if getattr(encoder, "pooler_activation", None) is not None:  # ALBERT: Linear, then tanh
+        return encoder.pooler_activation(encoder.pooler(first))
+    return encoder.pooler(first[:, None])  # BertPooler reads position 0 of [B, T, H]

@@ -1,0 +1,179 @@
+"""The padding-free forward of the masked-LM families and the cheaper CPU dropout: both
+are speed work, so what they compute must equal what they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import prepare, tiny
+from overture.config import ConfigError
+from overture.data.prepare import IndexedDataset
+from overture.dropout import LEVELS, dropout, keep_mask, use_cheaper_dropout
+from overture.pretrain.text import unpadded
+from overture.pretrain.text.masking import IGNORE_INDEX
+from overture.pretrain.text.mlm import MaskedLMModule
+from overture.registry import get_family, list_families
+
+NO_DROPOUT = ("model.hidden_dropout_prob=0", "model.attention_probs_dropout_prob=0")
+
+
+def unpadded_families() -> list[str]:
+    """Registered families whose model section has ``unpadded`` (BERT, RoBERTa, ALBERT)."""
+    return [f for f in list_families()
+            if "unpadded" in getattr(get_family(f).model_config, "__dataclass_fields__", {})]
+
+
+def test_the_masked_lm_families_all_train_unpadded():
+    assert {"bert", "roberta", "albert"} <= set(unpadded_families())
+
+
+def _padded_batch(data, recipe, rows: int = 8) -> dict:
+    """A collated batch whose rows differ in length: every second row is cut to a third
+    (RoBERTa's rows are packed full), so that a quarter or more of it is padding."""
+    got = IndexedDataset(data.train).__getitems__(list(range(rows)))
+    columns = got["columns"]
+    for i in range(1, rows, 2):
+        keep = max(3, len(columns["input_ids"][i]) // 3)
+        for name in ("input_ids", "unit_start"):
+            if name in columns:
+                columns[name][i] = columns[name][i][:keep]
+        if "mlm_positions" in columns:  # static masks: keep the targets inside the row
+            pairs = [(p, t) for p, t in zip(columns["mlm_positions"][i], columns["mlm_ids"][i])
+                     if p < keep]
+            columns["mlm_positions"][i] = [p for p, _ in pairs]
+            columns["mlm_ids"][i] = [t for _, t in pairs]
+    batch = data.objective.collator(recipe.resolved_phases()[0])(got)
+    assert batch["attention_mask"].float().mean() < 0.8
+    assert (batch["labels"] != IGNORE_INDEX).sum() > 0
+    return batch
+
+
+@pytest.mark.parametrize("family", unpadded_families())
+def test_unpadded_losses_and_gradients_equal_the_padded_forwards(family, cache_dir, real_text):
+    recipe = tiny(family, "unused", cache_dir, real_text, *NO_DROPOUT)
+    assert recipe.model.unpadded is None and recipe.model.unpadded_forward()  # on by default
+    data = prepare(recipe)
+    batch = _padded_batch(data, recipe)
+    fast = data.objective.build_models()["model"].train()
+    assert fast.unpadded and fast.model.config._attn_implementation == unpadded.ATTENTION
+    padded = tiny(family, "unused", cache_dir, real_text, *NO_DROPOUT, "model.unpadded=false")
+    data.objective.recipe = padded
+    slow = data.objective.build_models()["model"].train()
+    assert not slow.unpadded and slow.model.config._attn_implementation == "sdpa"
+    slow.load_state_dict(fast.state_dict())
+    sums = {}
+    for name, module in (("fast", fast), ("slow", slow)):
+        out = module(**batch)
+        sum(v for k, v in out.items() if k.endswith("_loss_sum")).backward()
+        sums[name] = out
+    assert set(sums["fast"]) == set(sums["slow"]) and len(sums["fast"]) >= 2
+    for key, value in sums["slow"].items():
+        assert sums["fast"][key].item() == pytest.approx(value.item(), rel=1e-5), key
+    grads = {n: p.grad for n, p in slow.named_parameters() if p.grad is not None}
+    assert len(grads) > 10
+    for name, param in fast.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-6,
+                                       msg=name)
+    # a padded call (any caller but the training forward) is transformers' own SDPA
+    with torch.no_grad():
+        ours = fast.model.base_model(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"]).last_hidden_state
+        stock = slow.model.base_model(input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"]).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], stock[real], rtol=1e-5, atol=1e-6)
+
+
+def test_unpadded_attention_with_dropout_computes_sdpas_attention(monkeypatch):
+    # CPU training with dropout takes the written-out path; without the mask it must be SDPA
+    torch.manual_seed(0)
+    lengths = torch.tensor([7, 2, 5])
+    mask = torch.arange(7)[None, :] < lengths[:, None]  # [3, 7]
+    packing = unpadded.Packing.of(mask.long())
+    n, heads, width = int(lengths.sum()), 4, 8
+    q, k, v = (torch.randn(1, heads, n, width) for _ in range(3))
+    monkeypatch.setattr(unpadded, "cheaper_dropout", lambda x, p: x)  # the mask left out
+    out, _ = unpadded.unpadded_attention(None, q, k, v, None, dropout=0.3, scaling=0.2,
+                                         packing=packing)
+    assert out.shape == (1, n, heads, width)
+    start = 0
+    for length in lengths.tolist():  # each row alone: attention over its own tokens only
+        rows = slice(start, start + length)
+        expected = F.scaled_dot_product_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows],
+                                                  scale=0.2)
+        torch.testing.assert_close(out[0, rows], expected[0].transpose(0, 1), rtol=1e-5,
+                                   atol=1e-6)
+        start += length
+    eager, _ = unpadded.unpadded_attention(None, q, k, v, None, dropout=0.0, scaling=0.2,
+                                           packing=packing)
+    torch.testing.assert_close(eager, out, rtol=1e-5, atol=1e-6)
+    assert packing.first_tokens().tolist() == [0, 7, 9]
+
+
+def test_unpadded_needs_the_sdpa_kernel(cache_dir, real_text):
+    with pytest.raises(ConfigError, match=r"model.unpadded=true .* "
+                                          r"model.attn_implementation='eager'"):
+        tiny("bert", "unused", cache_dir, real_text, "model.unpadded=true",
+             "model.attn_implementation=eager")
+    eager = tiny("bert", "unused", cache_dir, real_text, "model.attn_implementation=eager")
+    assert not eager.model.unpadded_forward()  # null follows the kernel
+    assert "unpadded" not in eager.model.hf_settings()  # not a transformers config key
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cheaper_dropout_keeps_each_element_with_probability_1_minus_p(p):
+    torch.manual_seed(0)
+    n = 1 << 20
+    keep = keep_mask(torch.Size([n]), p, torch.device("cpu"))
+    expected = 1 - round(p * LEVELS) / LEVELS
+    assert abs(expected - (1 - p)) < 1 / LEVELS
+    rate = keep.float().mean().item()
+    assert abs(rate - expected) < 4 * (expected * (1 - expected) / n) ** 0.5
+    # the two halves of one random draw, and neighbours, are independent
+    pairs = keep.view(-1, 2).float()
+    assert abs(torch.corrcoef(pairs.T)[0, 1].item()) < 4 / (n / 2) ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask(torch.Size([n]), p, torch.device("cpu")), keep)  # seeded
+
+
+def test_cheaper_dropout_scales_the_kept_values_and_their_gradients():
+    torch.manual_seed(1)
+    x = torch.randn(64, 300, requires_grad=True)
+    out = dropout(x, 0.2)
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] / 0.8)
+    assert 0.75 < kept.float().mean().item() < 0.85
+    out.backward(torch.full_like(out, 3.0))
+    torch.testing.assert_close(x.grad, kept.float() * 3.0 / 0.8)
+    assert dropout(x, 0.2, training=False) is x or torch.equal(dropout(x, 0.2, False), x)
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    assert torch.equal(dropout(x, 0.0), x)
+
+
+def test_use_cheaper_dropout_swaps_plain_dropout_only_and_keeps_the_state_dict():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3), nn.Dropout2d(0.3),
+                          nn.Sequential(nn.Dropout(0.1, inplace=True)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert use_cheaper_dropout(model) == 2
+    assert type(model[1]).__name__ == "Dropout" and model[1].p == 0.3
+    assert type(model[1]) is not nn.Dropout and isinstance(model[1], nn.Dropout)
+    assert type(model[2]) is nn.Dropout2d
+    assert model.state_dict().keys() == before.keys()
+    torch.manual_seed(2)
+    x = torch.ones(1000, 4)
+    zeros = (model[1](x) == 0).float().mean().item()
+    assert 0.25 < zeros < 0.35
+    model.eval()
+    assert torch.equal(model[1](x), x)
+
+
+def test_the_masked_lm_module_uses_the_cheaper_dropout(cache_dir, real_text):
+    recipe = tiny("bert", "unused", cache_dir, real_text)
+    module = prepare(recipe).objective.build_models()["model"]
+    assert isinstance(module, MaskedLMModule)
+    dropouts = [m for m in module.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and all(type(m) is not nn.Dropout for m in dropouts)
