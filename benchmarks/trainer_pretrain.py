@@ -60,6 +60,7 @@ def trainer_side(objective, recipe, family: str, same_activation: bool):
     tok = copy.copy(objective.tokenizer)
     model = objective.build_models()["model"].model
     config = copy.deepcopy(model.config)
+    config._attn_implementation = "sdpa"  # transformers' own (overture's may train unpadded)
     if family == "gpt" and not same_activation:
         config.activation_function = "gelu_new"  # GPT2Config's default
     model_class = type(model)

@@ -4,7 +4,8 @@ On 2 CPU cores, ``bernoulli_`` (the mask of ``nn.Dropout`` and of SDPA's attenti
 dropout) was 16-22% of a BERT 256 x 4 training step: torch's CPU generator draws one
 32-bit number per element and converts it to a float. Here one draw of 31 random bits
 gives two elements a 15-bit uniform number each, compared with ``p`` quantized to 1/32768
-(p = 0.1 keeps with probability 0.8999939 instead of 0.9). The masks come from torch's
+(p = 0.1 keeps with probability 0.8999939 instead of 0.9, and the kept values are
+scaled by the inverse of that). The masks come from torch's
 generator, so ``torch.manual_seed`` and the engine's saved RNG state reproduce them. On
 other devices (CUDA's fused Philox dropout is already cheap) it is ``F.dropout``.
 """
@@ -19,37 +20,44 @@ LEVELS = 1 << 15
 """The keep mask compares a 15-bit uniform number with round(p * LEVELS)."""
 
 
+def threshold(p: float) -> int:
+    """round(p * LEVELS): an element is kept when its 15-bit number is at least this."""
+    return round(p * LEVELS)
+
+
 def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A bool mask of ``shape``, True with probability 1 - round(p * LEVELS) / LEVELS."""
+    """A bool mask of ``shape``, True with probability 1 - threshold(p) / LEVELS."""
     n = shape.numel()
     bits = torch.empty((n + 1) // 2, dtype=torch.int32, device=device).random_()  # [0, 2^31)
     halves = bits.view(torch.int16)[:n] & (LEVELS - 1)  # both 16-bit halves: 15 uniform bits
-    return (halves >= round(p * LEVELS)).view(shape)
+    return (halves >= threshold(p)).view(shape)
 
 
-class _MaskedScale(torch.autograd.Function):
-    """x * mask, where mask is 1 / (1 - p) at a kept element and 0 elsewhere: one pass
-    forward and one backward (native dropout's bool mask costs a cast and a second
-    multiplication in each)."""
+class _KeepScaled(torch.autograd.Function):
+    """x / (1 - p') where kept, 0 elsewhere (p' = threshold(p) / LEVELS, the rate drawn,
+    so that the expected output is x); the bool mask alone is kept for backward, as
+    native dropout does."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        scale, zero = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in (1 / (1 - p), 0))
-        mask = torch.where(keep_mask(x.shape, p, x.device), scale, zero)
-        ctx.save_for_backward(mask)
-        return x * mask
+        keep = keep_mask(x.shape, p, x.device)
+        ctx.save_for_backward(keep)
+        ctx.scale = LEVELS / (LEVELS - threshold(p))
+        return torch.where(keep, x * ctx.scale, 0.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad * ctx.scale, 0.0), None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``F.dropout(x, p, training)``, with the cheaper mask on a CPU."""
-    if not training or p == 0.0 or x.device.type != "cpu" or p == 1.0:
+    """``F.dropout(x, p, training)``, with the cheaper mask for a floating-point tensor on
+    a CPU (p rounded to a multiple of 1/LEVELS: one that rounds to 1 is torch's)."""
+    if (not training or p == 0.0 or x.device.type != "cpu" or not x.is_floating_point()
+            or threshold(p) >= LEVELS):
         return F.dropout(x, p, training)
-    return _MaskedScale.apply(x, p)
+    return _KeepScaled.apply(x, p)
 
 
 class Dropout(nn.Dropout):

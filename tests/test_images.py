@@ -937,6 +937,50 @@ def test_probe_refuses_a_seed_outside_0_to_2_32_in_one_line_before_any_work(
         probe.check_seed("--seed", edge)
 
 
+def test_the_split_training_transform_is_timms_whole_one(tiny_digits):
+    from timm.data import create_transform
+
+    from overture.pretrain.image.data import decode_row
+    from overture.pretrain.image.transforms import Augment, seeded
+
+    augment = Augment(image_size=16, auto_augment="rand-m9-n2", re_prob=0.3, hflip=0.5)
+    whole = create_transform(16, is_training=True, scale=augment.scale, hflip=0.5,
+                             auto_augment="rand-m9-n2", re_prob=0.3)
+    rows = tiny_digits.train[:6]
+    for i in range(6):
+        image = decode_row(rows["image"][i], rows["path"][i], rows["height"][i],
+                           rows["width"][i])
+        with seeded(0, i):
+            ours = augment.train()(image)
+        with seeded(0, i):
+            assert torch.equal(ours, whole(image)), i
+
+
+@pytest.mark.parametrize("re_prob, views", [(0.0, 1), (0.5, 1), (0.0, 2)])
+def test_the_batched_last_step_gives_each_images_own_transform(tiny_digits, re_prob, views):
+    # to-tensor and normalize run once per batch (random erasing, which draws, per image):
+    # the pixels must be those of timm's whole transform, image by image
+    from overture.pretrain.image.data import decode_row
+    from overture.pretrain.image.transforms import Augment, ImageCollator, seeded
+
+    augment = Augment(image_size=16, auto_augment="rand-m9-n2", re_prob=re_prob,
+                      mean=(0.4, 0.5, 0.6), std=(0.2, 0.3, 0.25))
+    collator = ImageCollator(augment, seed=5, views=views)
+    assert collator._batched_final == (re_prob == 0)
+    collator.set_epoch(1)
+    indices = [4, 9, 2, 30]
+    batch = collator(_rows(tiny_digits, indices))
+    rows = tiny_digits.train[indices]
+    for position, index in enumerate(indices):
+        image = decode_row(rows["image"][position], rows["path"][position],
+                           rows["height"][position], rows["width"][position])
+        with seeded(5, 1, index):
+            alone = [collator._train(image) for _ in range(views)]
+        got = [batch["images"]] if views == 1 else [batch["view_a"], batch["view_b"]]
+        for view, expected in zip(got, alone):
+            assert torch.equal(view[position], expected), index
+
+
 def test_a_batch_reseeds_each_image_as_seeding_it_alone_would(tiny_digits):
     # the collator saves the global generators once per batch, not around every image:
     # each image must still get the pixels of its own (seed, epoch, index) seeding

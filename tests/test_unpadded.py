@@ -11,7 +11,8 @@ from torch import nn
 from helpers import prepare, tiny
 from overture.config import ConfigError
 from overture.data.prepare import IndexedDataset
-from overture.dropout import LEVELS, dropout, keep_mask, use_cheaper_dropout
+from overture import dropout as dropout_module
+from overture.dropout import LEVELS, dropout, keep_mask, threshold, use_cheaper_dropout
 from overture.pretrain.text import unpadded
 from overture.pretrain.text.masking import IGNORE_INDEX
 from overture.pretrain.text.mlm import MaskedLMModule
@@ -114,6 +115,43 @@ def test_unpadded_attention_with_dropout_computes_sdpas_attention(monkeypatch):
     assert packing.first_tokens().tolist() == [0, 7, 9]
 
 
+def test_unpadded_attention_drops_probabilities_with_the_cheaper_mask(monkeypatch):
+    # the real dropout, its mask recorded: each row's probabilities times mask / (1 - p)
+    torch.manual_seed(3)
+    lengths = torch.tensor([6, 3])
+    packing = unpadded.Packing.of((torch.arange(6)[None, :] < lengths[:, None]).long())
+    q, k, v = (torch.randn(1, 2, 9, 4, requires_grad=True) for _ in range(3))
+    masks = []
+    real = dropout_module.keep_mask
+    monkeypatch.setattr(dropout_module, "keep_mask",
+                        lambda *a: masks.append(real(*a)) or masks[-1])
+    out, _ = unpadded.unpadded_attention(None, q, k, v, None, dropout=0.25, scaling=0.5,
+                                         packing=packing)
+    (keep,) = masks  # [B * heads, T, T]
+    assert 0.5 < keep.float().mean() < 0.95
+    keep = keep.view(2, 2, 6, 6)
+    scale = LEVELS / (LEVELS - threshold(0.25))
+    start = 0
+    for row, length in enumerate(lengths.tolist()):
+        rows = slice(start, start + length)
+        probs = (q[0, :, rows] @ k[0, :, rows].transpose(1, 2) * 0.5).softmax(-1)  # [h, L, L]
+        dropped = probs * keep[row, :, :length, :length] * scale
+        torch.testing.assert_close(out[0, rows], (dropped @ v[0, :, rows]).transpose(0, 1))
+        start += length
+    out.sum().backward()  # through the mask: a dropped probability passes no gradient
+    assert q.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
+
+
+def test_a_decoder_checkpoint_is_refused_unpadded():
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, intermediate_size=32,
+                                       is_decoder=True))
+    with pytest.raises(ConfigError, match="decoder.*model.unpadded=false"):
+        unpadded.use_unpadded_attention(model)
+
+
 def test_unpadded_needs_the_sdpa_kernel(cache_dir, real_text):
     with pytest.raises(ConfigError, match=r"model.unpadded=true .* "
                                           r"model.attn_implementation='eager'"):
@@ -145,13 +183,19 @@ def test_cheaper_dropout_scales_the_kept_values_and_their_gradients():
     x = torch.randn(64, 300, requires_grad=True)
     out = dropout(x, 0.2)
     kept = out != 0
-    torch.testing.assert_close(out[kept], x[kept] / 0.8)
+    scale = LEVELS / (LEVELS - threshold(0.2))  # the inverse of the rate drawn
+    assert scale == pytest.approx(1 / 0.8, rel=1e-4)
+    torch.testing.assert_close(out[kept], x[kept] * scale)
     assert 0.75 < kept.float().mean().item() < 0.85
     out.backward(torch.full_like(out, 3.0))
-    torch.testing.assert_close(x.grad, kept.float() * 3.0 / 0.8)
-    assert dropout(x, 0.2, training=False) is x or torch.equal(dropout(x, 0.2, False), x)
+    torch.testing.assert_close(x.grad, kept.float() * 3.0 * scale)
+    assert torch.equal(dropout(x, 0.2, training=False), x)
     assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
     assert torch.equal(dropout(x, 0.0), x)
+    # p that rounds to 1 or to 0 in 1/LEVELS steps: torch's dropout, not all kept
+    assert (dropout(torch.ones(100_000), 0.99999) != 0).float().mean() < 1e-3
+    tiny = dropout(torch.ones(10), 1e-6)
+    assert torch.equal(tiny, torch.ones(10))  # nothing drawn as dropped, and no scaling
 
 
 def test_use_cheaper_dropout_swaps_plain_dropout_only_and_keeps_the_state_dict():
@@ -171,9 +215,10 @@ def test_use_cheaper_dropout_swaps_plain_dropout_only_and_keeps_the_state_dict()
     assert torch.equal(model[1](x), x)
 
 
-def test_the_masked_lm_module_uses_the_cheaper_dropout(cache_dir, real_text):
-    recipe = tiny("bert", "unused", cache_dir, real_text)
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+def test_the_text_modules_use_the_cheaper_dropout(family, cache_dir, real_text):
+    recipe = tiny(family, "unused", cache_dir, real_text)
     module = prepare(recipe).objective.build_models()["model"]
-    assert isinstance(module, MaskedLMModule)
+    assert isinstance(module, MaskedLMModule) == (family == "bert")
     dropouts = [m for m in module.modules() if isinstance(m, nn.Dropout)]
-    assert dropouts and all(type(m) is not nn.Dropout for m in dropouts)
+    assert dropouts and all(type(m) is dropout_module.Dropout for m in dropouts)

@@ -76,14 +76,25 @@ class Augment:
     std: tuple[float, ...] = IMAGENET_STD
 
     def train(self):
-        from timm.data import create_transform
+        """timm's training transform: PIL image -> normalized [3, H, W] tensor."""
+        from torchvision.transforms import Compose
 
-        return create_transform(
+        pil, final = self.train_parts()
+        return Compose([*pil.transforms, *final.transforms])
+
+    def train_parts(self):
+        """``train()`` in two: the PIL part (crop, flip, augmentation) and the last
+        (to tensor, normalize, random erasing), timm's ``separate=True``."""
+        from timm.data import create_transform
+        from torchvision.transforms import Compose
+
+        primary, secondary, final = create_transform(
             self.image_size, is_training=True, scale=tuple(self.scale), hflip=self.hflip,
             auto_augment=self.auto_augment, color_jitter=self.color_jitter,
             color_jitter_prob=self.color_jitter_prob, grayscale_prob=self.grayscale_prob,
             gaussian_blur_prob=self.gaussian_blur_prob, re_prob=self.re_prob,
-            interpolation=self.interpolation, mean=self.mean, std=self.std)
+            interpolation=self.interpolation, mean=self.mean, std=self.std, separate=True)
+        return Compose([*primary.transforms, *secondary.transforms]), final
 
     def eval(self):
         """Resize the short side to image_size / crop_pct, centre-crop image_size."""
@@ -106,6 +117,12 @@ class ImageCollator:
         self.mixup, self.channels_last = mixup, channels_last
         self.epoch = 0
         self._train, self._eval = augment.train(), augment.eval()
+        self._pil, self._final = augment.train_parts()
+        # the last step draws nothing at random unless it erases: then done per image
+        self._batched_final = [type(t).__name__ for t in self._final.transforms] == [
+            "MaybeToTensor", "Normalize"]
+        self._mean, self._std = (torch.tensor(v, dtype=torch.float32)[:, None, None]
+                                 for v in (augment.mean, augment.std))
 
     def set_epoch(self, epoch: int) -> None:
         """epoch -1: evaluation (no augmentation, no mixing)."""
@@ -126,12 +143,7 @@ class ImageCollator:
                     "labels": labels}
         if self.views == 2:
             return {**self._views(images, indices), "labels": labels}
-        out = []
-        with restored_generators():
-            for image, index in zip(images, indices):
-                reseed(self.seed, self.epoch, index)
-                out.append(self._train(image))
-        x = torch.stack(out)
+        x = self._augmented(images, indices)[0]
         batch = {"images": x, "labels": labels}
         if self.mixup is not None:
             # timm's Mixup draws from NumPy's global generator: seeded by the batch
@@ -142,10 +154,28 @@ class ImageCollator:
         return batch
 
     def _views(self, images, indices) -> dict[str, torch.Tensor]:
-        a, b = [], []
+        a, b = self._augmented(images, indices, views=2)
+        return {"view_a": self._layout(a), "view_b": self._layout(b)}
+
+    def _augmented(self, images, indices, views: int = 1) -> list[torch.Tensor]:
+        """``views`` training views [B, 3, H, W] of the images, each image's from the
+        generators seeded by (seed, epoch, index)."""
+        done = [[] for _ in range(views)]
+        last = (lambda im: im) if self._batched_final else self._final
         with restored_generators():
             for image, index in zip(images, indices):
                 reseed(self.seed, self.epoch, index)
-                a.append(self._train(image))
-                b.append(self._train(image))
-        return {"view_a": self._layout(torch.stack(a)), "view_b": self._layout(torch.stack(b))}
+                for view in done:
+                    view.append(last(self._pil(image)))
+        if not self._batched_final:
+            return [torch.stack(view) for view in done]
+        return [self._to_normalized(view) for view in done]
+
+    def _to_normalized(self, images) -> torch.Tensor:
+        """timm's MaybeToTensor + Normalize on a whole batch of PIL images at once (the
+        same operations, so the same values: a third of the collator's time per image)."""
+        if any(im.mode != "RGB" or im.size != images[0].size for im in images):
+            return torch.stack([self._final(im) for im in images])
+        x = torch.from_numpy(np.stack([np.asarray(im) for im in images]))  # [B, H, W, 3]
+        x = x.permute(0, 3, 1, 2).contiguous().float().div(255)  # as ToTensor
+        return x.sub_(self._mean).div_(self._std)  # as Normalize

@@ -226,11 +226,13 @@ class MaskedLMModule(nn.Module):
     def compile(self, *args, **kwargs) -> None:
         """``train.compile``: the encoder and the heads are compiled one by one; between
         them, the selection of the masked positions has a data-dependent shape that
-        would break one graph around it. Unpadded, the encoder's layers are compiled
-        for a varying number of tokens."""
+        would break one graph around it. Unpadded, the embeddings and each layer are
+        compiled, for a varying number of tokens."""
         encoder, *heads = (operator.attrgetter(p)(self.model) for p in self.paths if p)
         if self.unpadded:  # encode_unpadded calls the encoder's parts, not its forward
-            for part in (encoder.embeddings, encoder.encoder):
+            from .unpadded import encoder_layers
+
+            for part in (encoder.embeddings, *encoder_layers(encoder)):
                 part.compile(*args, **{"dynamic": True, **kwargs})
         else:
             encoder.compile(*args, **kwargs)

@@ -26,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ...config import ConfigError
 from ...dropout import dropout as cheaper_dropout
 
 ATTENTION = "overture_unpadded"
@@ -104,7 +105,14 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def use_unpadded_attention(model: nn.Module) -> None:
-    """Make ``model``'s layers look up ``unpadded_attention`` (in place)."""
+    """Make ``model``'s layers look up ``unpadded_attention`` (in place). Its attention is
+    bidirectional self-attention only: a decoder's config (a ``model.init_from``
+    checkpoint's) is refused."""
+    config = model.config
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ConfigError("model.unpadded: the checkpoint's config is a decoder's "
+                          "(is_decoder / add_cross_attention), whose attention the unpadded "
+                          "forward does not implement; set model.unpadded=false")
     model.set_attn_implementation(ATTENTION)
 
 
@@ -122,6 +130,17 @@ def encode_unpadded(encoder: nn.Module, input_ids: torch.Tensor,
     hidden = encoder.encoder(packing.pack(embedded)[None], None,
                              packing=packing).last_hidden_state[0]  # [N, H]
     return hidden, pool(encoder, hidden[packing.first_tokens()]), packing
+
+
+def encoder_layers(encoder: nn.Module) -> list[nn.Module]:
+    """The transformer layers of a BertModel / RobertaModel (encoder.layer) or AlbertModel
+    (its layer groups' layers, each shared across depth): what ``train.compile``
+    compiles one by one (the encoder's own forward, under transformers' deprecation
+    wrapper, recompiles for every caller of that wrapper)."""
+    inner = encoder.encoder
+    if hasattr(inner, "albert_layer_groups"):
+        return [layer for group in inner.albert_layer_groups for layer in group.albert_layers]
+    return list(inner.layer)
 
 
 def pool(encoder: nn.Module, first: torch.Tensor) -> torch.Tensor | None:
