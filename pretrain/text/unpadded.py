@@ -129,7 +129,7 @@ def encode_unpadded(encoder: nn.Module, input_ids: torch.Tensor,
     embedded = encoder.embeddings(input_ids=input_ids, **extra)  # [B, T, E]
     hidden = encoder.encoder(packing.pack(embedded)[None], None,
                              packing=packing).last_hidden_state[0]  # [N, H]
-    return hidden, pool(encoder, hidden[packing.first_tokens()]), packing
+    return hidden, pool(encoder, hidden, packing), packing
 
 
 def encoder_layers(encoder: nn.Module) -> list[nn.Module]:
@@ -143,10 +143,12 @@ def encoder_layers(encoder: nn.Module) -> list[nn.Module]:
     return list(inner.layer)
 
 
-def pool(encoder: nn.Module, first: torch.Tensor) -> torch.Tensor | None:
-    """The model's own pooler on the rows' first tokens ``first`` [B, H]."""
+def pool(encoder: nn.Module, hidden: torch.Tensor, packing: Packing) -> torch.Tensor | None:
+    """The model's own pooler on each row's first token of ``hidden`` [N, H] (None for a
+    model without one)."""
     if getattr(encoder, "pooler", None) is None:
         return None
+    first = hidden[packing.first_tokens()]  # [B, H]
     if getattr(encoder, "pooler_activation", None) is not None:  # ALBERT: Linear, then tanh
         return encoder.pooler_activation(encoder.pooler(first))
     return encoder.pooler(first[:, None])  # BertPooler reads position 0 of [B, T, H]
