@@ -27,7 +27,8 @@ from benchmarks.common import (SHARED_DATA, alternate, cli, engine_run, fmt, mac
                                record, spread, table)
 
 SIZES = {"128x2": (128, 2, 2), "256x4": (256, 4, 4), "base": (768, 12, 12)}
-RECIPES = {"bert": "bert-tiny", "roberta": "roberta-tiny", "gpt": "gpt-tiny"}
+RECIPES = {"bert": "bert-tiny", "roberta": "roberta-tiny", "albert": "albert-tiny",
+           "gpt": "gpt-tiny"}
 
 
 def overrides(family: str, size: str, args) -> list[str]:
@@ -67,12 +68,14 @@ def trainer_side(objective, recipe, family: str, same_activation: bool):
     phase = recipe.resolved_phases()[0]
     rows = objective.prepare(phase, progress=False).train
     columns = {"input_ids": rows["input_ids"]}
-    if "sentence_label" in rows.column_names:  # BERT's NSP pairs
+    if "sentence_label" in rows.column_names:  # BERT's NSP or ALBERT's SOP pairs
         sep = tok.sep_token_id
         columns["token_type_ids"] = [[int(seen > 0 and not (t == sep and seen == 1))
                                       for seen, t in zip(_seps_before(ids, sep), ids)]
                                      for ids in rows["input_ids"]]
-        columns["next_sentence_label"] = rows["sentence_label"]
+        # BERT's NSP / ALBERT's SOP label, under the stock model's argument name
+        label = "sentence_order_label" if family == "albert" else "next_sentence_label"
+        columns[label] = rows["sentence_label"]
     dataset = datasets.Dataset.from_dict(columns)
     if tok.pad_token is None:  # GPT-2's tokenizer has none; its blocks are full anyway
         tok.pad_token = tok.eos_token

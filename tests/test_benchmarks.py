@@ -46,15 +46,17 @@ def _recorded(folder, name: str) -> dict:
 def test_trainer_pretrain_compares_both_sides(results, real_text):
     from benchmarks import trainer_pretrain
 
-    out = trainer_pretrain.main(["--family", "gpt", "bert", "--size", "128x2", "--batch", "4",
-                                 "--seq", "32", "--vocab", "512", "--warmup", "1", "--steps",
-                                 "2", "--repeats", "1", "--corpus", str(real_text)])
-    assert [(r["family"], r["size"]) for r in out] == [("gpt", "128x2"), ("bert", "128x2")]
+    out = trainer_pretrain.main(["--family", "gpt", "bert", "albert", "--size", "128x2",
+                                 "--batch", "4", "--seq", "32", "--vocab", "512", "--warmup",
+                                 "1", "--steps", "2", "--repeats", "1", "--corpus",
+                                 str(real_text)])
+    assert [(r["family"], r["size"]) for r in out] == [("gpt", "128x2"), ("bert", "128x2"),
+                                                       ("albert", "128x2")]
     for r in out:
         assert r["overture"]["median"] > 0 and r["trainer"]["median"] > 0
         assert r["ratio"] == pytest.approx(r["overture"]["median"] / r["trainer"]["median"])
         assert 0 < r["overture_mfu"]["median"] < 1
-    assert len(_recorded(results, "trainer_pretrain")["results"]) == 2
+    assert len(_recorded(results, "trainer_pretrain")["results"]) == 3
 
 
 def test_prepare_vs_map_times_both_sides(results):
