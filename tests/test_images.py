@@ -975,7 +975,7 @@ def test_the_batched_last_step_gives_each_images_own_transform(tiny_digits, re_p
         image = decode_row(rows["image"][position], rows["path"][position],
                            rows["height"][position], rows["width"][position])
         with seeded(5, 1, index):
-            alone = [collator._train(image) for _ in range(views)]
+            alone = [collator.augment.train()(image) for _ in range(views)]
         got = [batch["images"]] if views == 1 else [batch["view_a"], batch["view_b"]]
         for view, expected in zip(got, alone):
             assert torch.equal(view[position], expected), index
@@ -997,5 +997,5 @@ def test_a_batch_reseeds_each_image_as_seeding_it_alone_would(tiny_digits):
         image = decode_row(rows["image"][position], rows["path"][position],
                            rows["height"][position], rows["width"][position])
         with seeded(collator.seed, 2, index):
-            alone = collator._train(image)
+            alone = collator.augment.train()(image)
         assert torch.equal(batch[position], alone), index

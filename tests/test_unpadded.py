@@ -222,3 +222,33 @@ def test_the_text_modules_use_the_cheaper_dropout(family, cache_dir, real_text):
     assert isinstance(module, MaskedLMModule) == (family == "bert")
     dropouts = [m for m in module.modules() if isinstance(m, nn.Dropout)]
     assert dropouts and all(type(m) is dropout_module.Dropout for m in dropouts)
+
+
+def test_a_decoder_checkpoint_continues_padded_and_refuses_unpadded_before_any_work(
+        trained, tmp_path, cache_dir, real_text):
+    import json
+    import shutil
+
+    from helpers import continued
+
+    decoder = tmp_path / "decoder"
+    shutil.copytree(trained("bert") / "final", decoder)
+    config = json.loads((decoder / "config.json").read_text())
+    (decoder / "config.json").write_text(json.dumps({**config, "is_decoder": True}))
+    recipe = continued("bert", decoder, tmp_path / "run", cache_dir, real_text)
+    assert recipe.model.unpadded is False and not recipe.model.unpadded_forward()
+    with pytest.raises(ConfigError, match=r"model.unpadded=true but model.init_from=.* is a "
+                                          r"decoder .* remove model.unpadded"):
+        continued("bert", decoder, tmp_path / "run", cache_dir, real_text, "model.unpadded=true")
+    encoder = continued("bert", trained("bert") / "final", tmp_path / "run", cache_dir,
+                        real_text)
+    assert encoder.model.unpadded is None and encoder.model.unpadded_forward()
+
+
+def test_a_run_may_resume_with_the_unpadded_forward_switched(trained, cache_dir, real_text):
+    from overture.checkpoint import find_resume_point, latest_checkpoint
+
+    checkpoint = latest_checkpoint(trained("bert"))
+    recipe = tiny("bert", "elsewhere", cache_dir, real_text, "model.unpadded=false",
+                  f"train.resume={checkpoint}")
+    assert find_resume_point(recipe) == checkpoint

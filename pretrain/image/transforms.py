@@ -116,7 +116,7 @@ class ImageCollator:
         self.augment, self.seed, self.views = augment, seed, views
         self.mixup, self.channels_last = mixup, channels_last
         self.epoch = 0
-        self._train, self._eval = augment.train(), augment.eval()
+        self._eval = augment.eval()
         self._pil, self._final = augment.train_parts()
         # the last step draws nothing at random unless it erases: then done per image
         self._batched_final = [type(t).__name__ for t in self._final.transforms] == [

@@ -82,8 +82,7 @@ class Albert(MaskedLMFamily):
         model = self.instantiate(AlbertForPreTraining, config, {
             "predictions": "the MLM head", "sop_classifier": "the SOP head",
             "albert.pooler": "the pooler under the SOP head"}, fresh)
-        return MaskedLMModule(model, "albert", "predictions", "sop_classifier", "sop",
-                              unpadded=self.recipe.model.unpadded_forward())
+        return self.training_module(model, "albert", "predictions", "sop_classifier", "sop")
 
     def flops_per_unit(self, phase: Phase) -> float:
         m = self.recipe.model  # + the E x H projection of every token

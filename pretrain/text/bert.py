@@ -62,8 +62,7 @@ class Bert(MaskedLMFamily):
             model = self.instantiate(BertForPreTraining, config, {
                 **mlm, "cls.seq_relationship": "the NSP head",
                 "bert.pooler": "the pooler under the NSP head"}, fresh)
-            return MaskedLMModule(model, "bert", "cls.predictions", "cls.seq_relationship",
-                                  "nsp", unpadded=self.recipe.model.unpadded_forward())
+            return self.training_module(model, "bert", "cls.predictions",
+                                        "cls.seq_relationship", "nsp")
         model = self.instantiate(BertForMaskedLM, config, mlm, fresh)
-        return MaskedLMModule(model, "bert", "cls.predictions",
-                              unpadded=self.recipe.model.unpadded_forward())
+        return self.training_module(model, "bert", "cls.predictions")

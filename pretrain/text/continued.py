@@ -53,6 +53,16 @@ def continue_from(family: type, raw: dict, where) -> dict:
             raise ConfigError(f"{_where(where, 'model.' + key)}: model.{key}={model[key]!r} but "
                               f"{KEY}={given!r} has {value!r}: the checkpoint sets the sizes; "
                               f"remove model.{key}")
+    if "unpadded" in {f.name for f in dataclasses.fields(family.model_config)}:
+        from .unpadded import is_decoder
+
+        if is_decoder(config):  # its causal / cross attention has no unpadded form
+            if model.get("unpadded"):
+                raise ConfigError(f"{_where(where, 'model.unpadded')}: model.unpadded=true but "
+                                  f"{KEY}={given!r} is a decoder (is_decoder / "
+                                  "add_cross_attention), which trains padded only; remove "
+                                  "model.unpadded")
+            model["unpadded"] = False  # null follows the checkpoint
     model["init_from"] = path
     section = raw.get("tokenizer")
     tokenizer = check_tokenizer(section if isinstance(section, dict) else {}, path, given, where)

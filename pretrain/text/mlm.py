@@ -51,7 +51,8 @@ class EncoderConfig:
     unpadded: bool | None = None
     """Train on the real tokens only: the layers skip the batch's padding (ModernBERT's
     unpadding, pretrain/text/unpadded.py; a third of BERT's slots on WikiText-2). null:
-    on with attn_implementation=sdpa, off with eager; true needs sdpa."""
+    on with attn_implementation=sdpa, off with eager or a model.init_from decoder; true
+    needs sdpa and an encoder."""
     init_from: str | None = None
     """Continue pretraining from a checkpoint of this family: an overture final/ (or the
     run folder holding it), a transformers folder or a Hub name. Its config sets the
@@ -319,6 +320,10 @@ class MaskedLMFamily(TextFamily):
         """The training module; ``fresh``: new weights even with model.init_from (a size
         estimate)."""
         raise NotImplementedError
+
+    def training_module(self, model: nn.Module, *paths: str) -> MaskedLMModule:
+        """``MaskedLMModule(model, *paths)`` with the recipe's ``model.unpadded``."""
+        return MaskedLMModule(model, *paths, unpadded=self.recipe.model.unpadded_forward())
 
     def build_models(self, vocab_size: int | None = None) -> dict[str, nn.Module]:
         """The model: fresh, or model.init_from's weights; ``vocab_size`` given: a size

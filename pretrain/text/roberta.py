@@ -72,5 +72,4 @@ class Roberta(MaskedLMFamily):
                                bos_token_id=self.special_id("bos_token"),
                                eos_token_id=self.special_id("eos_token"), **settings)
         model = self.instantiate(RobertaForMaskedLM, config, {"lm_head": "the MLM head"}, fresh)
-        return MaskedLMModule(model, "roberta", "lm_head",
-                              unpadded=self.recipe.model.unpadded_forward())
+        return self.training_module(model, "roberta", "lm_head")

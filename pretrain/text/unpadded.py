@@ -104,12 +104,17 @@ AttentionInterface.register(ATTENTION, unpadded_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
+def is_decoder(config) -> bool:
+    """Whether a transformers config asks for causal or cross attention, which the unpadded
+    forward (bidirectional self-attention) does not implement."""
+    return bool(getattr(config, "is_decoder", False)
+                or getattr(config, "add_cross_attention", False))
+
+
 def use_unpadded_attention(model: nn.Module) -> None:
-    """Make ``model``'s layers look up ``unpadded_attention`` (in place). Its attention is
-    bidirectional self-attention only: a decoder's config (a ``model.init_from``
-    checkpoint's) is refused."""
-    config = model.config
-    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+    """Make ``model``'s layers look up ``unpadded_attention`` (in place); a decoder's config
+    is refused (``model.init_from`` resolves ``model.unpadded`` off for one first)."""
+    if is_decoder(model.config):
         raise ConfigError("model.unpadded: the checkpoint's config is a decoder's "
                           "(is_decoder / add_cross_attention), whose attention the unpadded "
                           "forward does not implement; set model.unpadded=false")
