@@ -58,7 +58,7 @@ class DenseSelfAttention(LongformerSelfAttention):
 IMPLS = ("overture", "transformers", "sdpa")
 
 
-def _config(scope, length, window):
+def _config(scope, length, window, dropout=0.0):
     if scope == "layer":
         hidden, heads, layers, inter = 768, 12, 1, 3072
     else:
@@ -66,13 +66,14 @@ def _config(scope, length, window):
     return LongformerConfig(
         hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers, intermediate_size=inter,
         attention_window=[window] * layers, vocab_size=1000, max_position_embeddings=length + 4,
-        pad_token_id=1, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+        pad_token_id=1, attention_probs_dropout_prob=dropout, hidden_dropout_prob=0.0)
 
 
-def _build(scope, impl, length, window, n_global):
-    """Return a closure running one forward + backward."""
+def _build(scope, impl, length, window, n_global, dropout=0.0):
+    """Return a closure running one forward + backward (in training mode: ``dropout`` is
+    the attention probabilities' dropout, as a pretraining recipe has it)."""
     torch.manual_seed(0)
-    config = _config(scope, length, window)
+    config = _config(scope, length, window, dropout)
     gen = torch.Generator().manual_seed(1)
     if scope == "layer":
         cls = {"overture": FastLongformerSelfAttention, "transformers": LongformerSelfAttention,
@@ -139,6 +140,8 @@ def main(argv=None):
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     p.add_argument("--globals", type=int, default=0, dest="n_global",
                    help="global-attention tokens at the start of the sequence (default 0)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="attention-probability dropout (default 0; Longformer pretrains at 0.1)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-memory", action="store_true", help="skip the memory runs")
@@ -154,6 +157,7 @@ def main(argv=None):
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, load average at start {load}; globals={args.n_global}; "
+          f"attention dropout {args.dropout}; "
           f"median of {args.repeats} alternating rounds after {args.warmup} warm-up; memory = peak tensor memory above the "
           f"start of one forward+backward (torch.profiler memory timeline)\n", flush=True)
     header = ("| scope | T | w | overture ms | transformers ms | dense SDPA ms | speed-up vs tf "
@@ -166,7 +170,7 @@ def main(argv=None):
             dense = None
             for window in args.windows:
                 row = {}
-                steps = {impl: _build(scope, impl, length, window, args.n_global)
+                steps = {impl: _build(scope, impl, length, window, args.n_global, args.dropout)
                          for impl in args.impls if not (impl == "sdpa" and dense is not None)}
                 for step in steps.values():
                     _time(step, args.warmup, 0)

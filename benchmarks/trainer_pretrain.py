@@ -28,7 +28,7 @@ from benchmarks.common import (SHARED_DATA, alternate, cli, engine_run, fmt, mac
 
 SIZES = {"128x2": (128, 2, 2), "256x4": (256, 4, 4), "base": (768, 12, 12)}
 RECIPES = {"bert": "bert-tiny", "roberta": "roberta-tiny", "albert": "albert-tiny",
-           "gpt": "gpt-tiny"}
+           "gpt": "gpt-tiny", "longformer": "longformer-tiny"}
 
 
 def overrides(family: str, size: str, args) -> list[str]:
@@ -48,7 +48,8 @@ def overrides(family: str, size: str, args) -> list[str]:
     else:
         out += [f"model.hidden_size={hidden}", f"model.num_hidden_layers={layers}",
                 f"model.num_attention_heads={heads}", f"model.intermediate_size={4 * hidden}",
-                f"model.max_position_embeddings={args.seq + 2}",
+                # Longformer's recipe counts the positions past its padding index itself
+                f"model.max_position_embeddings={args.seq + 2 * (family != 'longformer')}",
                 f"objective.max_predictions_per_seq={round(0.15 * args.seq)}"]
     return out
 
@@ -61,7 +62,8 @@ def trainer_side(objective, recipe, family: str, same_activation: bool):
     tok = copy.copy(objective.tokenizer)
     model = objective.build_models()["model"].model
     config = copy.deepcopy(model.config)
-    config._attn_implementation = "sdpa"  # transformers' own (overture's may train unpadded)
+    # transformers' own kernel (overture's may train unpadded); Longformer has its own only
+    config._attn_implementation = "eager" if family == "longformer" else "sdpa"
     if family == "gpt" and not same_activation:
         config.activation_function = "gelu_new"  # GPT2Config's default
     model_class = type(model)
@@ -80,7 +82,23 @@ def trainer_side(objective, recipe, family: str, same_activation: bool):
     if tok.pad_token is None:  # GPT-2's tokenizer has none; its blocks are full anyway
         tok.pad_token = tok.eos_token
     collator = DataCollatorForLanguageModeling(tok, mlm=family != "gpt", mlm_probability=0.15)
+    if family == "longformer" and recipe.objective.global_attention == "first":
+        collator = _first_token_global(collator)
     return (lambda: model_class(config)), dataset, collator
+
+
+def _first_token_global(collator):
+    """The stock collator's batch plus Longformer's global attention on each row's first
+    token (<s>), as overture's recipe trains it; the model pads both to its window."""
+    import torch
+
+    def collate(examples):
+        batch = collator(examples)
+        glob = torch.zeros_like(batch["input_ids"])
+        glob[:, 0] = 1
+        return {**batch, "global_attention_mask": glob}
+
+    return collate
 
 
 def _seps_before(ids: list[int], sep: int) -> list[int]:

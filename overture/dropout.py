@@ -54,10 +54,40 @@ class _KeepScaled(torch.autograd.Function):
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)``, with the cheaper mask for a floating-point tensor on
     a CPU (p rounded to a multiple of 1/LEVELS: one that rounds to 1 is torch's)."""
-    if (not training or p == 0.0 or x.device.type != "cpu" or not x.is_floating_point()
-            or threshold(p) >= LEVELS):
+    if not training or not _cheaper(x, p):
         return F.dropout(x, p, training)
     return _KeepScaled.apply(x, p)
+
+
+def _cheaper(x: torch.Tensor, p: float) -> bool:
+    """Whether dropping ``x`` at ``p`` takes the cheaper mask: a floating-point tensor on a
+    CPU, and a p that does not round to 1 (nor to 0: p = 0 is the identity)."""
+    return (x.device.type == "cpu" and x.is_floating_point() and p != 0.0
+            and threshold(p) < LEVELS)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, p: float,
+              scale: float) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=scale)``
+    computed as SDPA's math path does, with ``dropout``'s mask on the probabilities: a CPU
+    SDPA with dropout draws it with ``bernoulli_``, whose mask costs three times as much.
+
+    q: [B, h, Lq, d]; k, v: [B, h, Lk, d]; bias: additive, broadcastable to [B, h, Lq, Lk].
+    """
+    batch, heads, lq, width = q.shape
+    lk = k.shape[2]
+    bias = bias.expand(batch, heads, bias.shape[2], lk).reshape(batch * heads, -1, lk)
+    scores = torch.baddbmm(bias, q.reshape(batch * heads, lq, width),
+                           k.reshape(batch * heads, lk, width).transpose(1, 2), alpha=scale)
+    probs = scores.softmax(-1)  # [B*h, Lq, Lk]
+    v = v.reshape(batch * heads, lk, width)
+    if not _cheaper(probs, p):
+        out = torch.bmm(F.dropout(probs, p), v)
+    else:
+        # the kept probabilities' scale moves to the output, Lk / d times smaller
+        keep = keep_mask(probs.shape, p, probs.device)
+        out = torch.bmm(torch.where(keep, probs, 0.0), v) * (LEVELS / (LEVELS - threshold(p)))
+    return out.view(batch, heads, lq, width)
 
 
 class Dropout(nn.Dropout):

@@ -46,17 +46,19 @@ def _recorded(folder, name: str) -> dict:
 def test_trainer_pretrain_compares_both_sides(results, real_text):
     from benchmarks import trainer_pretrain
 
-    out = trainer_pretrain.main(["--family", "gpt", "bert", "albert", "--size", "128x2",
+    out = trainer_pretrain.main(["--family", "gpt", "bert", "albert", "longformer", "--size",
+                                 "128x2",
                                  "--batch", "4", "--seq", "32", "--vocab", "512", "--warmup",
                                  "1", "--steps", "2", "--repeats", "1", "--corpus",
                                  str(real_text)])
     assert [(r["family"], r["size"]) for r in out] == [("gpt", "128x2"), ("bert", "128x2"),
-                                                       ("albert", "128x2")]
+                                                       ("albert", "128x2"),
+                                                       ("longformer", "128x2")]
     for r in out:
         assert r["overture"]["median"] > 0 and r["trainer"]["median"] > 0
         assert r["ratio"] == pytest.approx(r["overture"]["median"] / r["trainer"]["median"])
         assert 0 < r["overture_mfu"]["median"] < 1
-    assert len(_recorded(results, "trainer_pretrain")["results"]) == 3
+    assert len(_recorded(results, "trainer_pretrain")["results"]) == 4
 
 
 def test_prepare_vs_map_times_both_sides(results):
@@ -85,7 +87,8 @@ def test_longformer_attention_reports_every_rounds_speedup(results):
     from benchmarks import longformer_attention
 
     out = longformer_attention.main(["--lengths", "256", "--windows", "32", "--scopes",
-                                     "layer", "--no-memory", "--repeats", "2", "--warmup", "0"])
+                                     "layer", "--no-memory", "--repeats", "2", "--warmup", "0",
+                                     "--dropout", "0.1"])
     assert len(out) == 1 and len(out[0]["speedup"]["runs"]) == 2
     rounds = zip(out[0]["transformers_ms"]["runs"], out[0]["overture_ms"]["runs"])
     assert out[0]["speedup"]["runs"] == pytest.approx([t / o for t, o in rounds])

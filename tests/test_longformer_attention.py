@@ -84,6 +84,9 @@ CASES = {
     "global_one_row_only": dict(global_at={1: [3, 30]}),
     "padding": dict(pad_from={1: 19}),
     "padding_and_global": dict(pad_from={0: 27, 1: 9}, global_at={0: [0, 26], 1: [0, 4, 8]}),
+    # as many global tokens as a head has dimensions (8) or more: the global keys and
+    # values are projected, not folded into the queries
+    "global_many": dict(pad_from={1: 30}, global_at={0: list(range(0, 32, 3)), 1: [2]}),
 }
 
 
@@ -264,6 +267,56 @@ def test_dropout_applies_in_training_only():
     assert torch.equal(evald, fast(x, **kw)[0])
     fast.train()
     assert not torch.allclose(fast(x, **kw)[0], evald)
+
+
+@pytest.mark.parametrize("case", ["padding_and_global", "global_many"])
+def test_bf16_autocast_matches_transformers(case):
+    """Under bf16 autocast (train.mixed_precision=bf16) the output keeps autocast's dtype,
+    global tokens' rows included, and equals transformers' to bf16's rounding."""
+    ref, fast = _pair(_config(8))
+    x = torch.randn(2, 32, HIDDEN, generator=torch.Generator().manual_seed(2))
+    mask = _mask(2, 32, **CASES[case])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = ref(x, attention_mask=mask, is_index_masked=mask < 0,
+                       is_index_global_attn=mask > 0, is_global_attn=True)[0]
+        out = fast(x, attention_mask=mask)[0]
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("case", ["local_only", "padding", "padding_and_global", "global_many"])
+def test_training_dropout_is_transformers_attention_with_the_cheaper_mask(case, monkeypatch):
+    """In training on a CPU, the attention dropout (the band's, and the global queries',
+    folded or not) takes overture.dropout's mask: with one that keeps every probability,
+    outputs and gradients are transformers' attention times the kept values' scale; the
+    real mask drops about p of the band's probabilities."""
+    from overture import dropout as dropout_module
+
+    config = _config(8)
+    config.attention_probs_dropout_prob = 0.5
+    ref, fast = _pair(config)
+    fast.train()
+    x = torch.randn(2, 32, HIDDEN, generator=torch.Generator().manual_seed(2))
+    mask = _mask(2, 32, **CASES[case])
+    masks = []
+    monkeypatch.setattr(dropout_module, "keep_mask", lambda shape, p, device: masks.append(
+        torch.ones(shape, dtype=torch.bool)) or masks[-1])
+    scale = dropout_module.LEVELS / (dropout_module.LEVELS - dropout_module.threshold(0.5))
+    out, grads = _run(ref, x, mask)
+    _assert_close((out * scale, {k: g * scale for k, g in grads.items()}), _run(fast, x, mask))
+    g = max(len(at) for at in CASES[case].get("global_at", {0: []}).values())
+    shapes = [(2 * 8 * HEADS, 4, g + 12)]  # the band: (N * blocks * heads, c, G + 3c)
+    if g:
+        shapes.append((2, HEADS, g, 32) if g < 8 else (2 * HEADS, g, 32))  # global queries
+    assert [tuple(m.shape) for m in masks] == shapes
+
+    monkeypatch.undo()
+    real = dropout_module.keep_mask
+    monkeypatch.setattr(dropout_module, "keep_mask",
+                        lambda *a: masks.append(real(*a)) or masks[-1])
+    torch.manual_seed(0)
+    fast(x, attention_mask=mask)
+    assert abs(masks[len(shapes)].float().mean().item() - 0.5) < 0.05
 
 
 @pytest.mark.parametrize("bad", [0, [1, 2], [1, 2, 0, 1], 1.5, "2"])

@@ -97,9 +97,11 @@ def test_unpadded_attention_with_dropout_computes_sdpas_attention(monkeypatch):
     packing = unpadded.Packing.of(mask.long())
     n, heads, width = int(lengths.sum()), 4, 8
     q, k, v = (torch.randn(1, heads, n, width) for _ in range(3))
-    monkeypatch.setattr(unpadded, "cheaper_dropout", lambda x, p: x)  # the mask left out
+    monkeypatch.setattr(dropout_module, "keep_mask",  # a mask that keeps every probability
+                        lambda shape, p, device: torch.ones(shape, dtype=torch.bool))
     out, _ = unpadded.unpadded_attention(None, q, k, v, None, dropout=0.3, scaling=0.2,
                                          packing=packing)
+    out = out / (LEVELS / (LEVELS - threshold(0.3)))  # the kept probabilities' scale
     assert out.shape == (1, n, heads, width)
     start = 0
     for length in lengths.tolist():  # each row alone: attention over its own tokens only

@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention
 
+from ...dropout import attention as attention_with_dropout
+from ...dropout import dropout as cheaper_dropout
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["FastLongformerSelfAttention", "install", "normalize_dilation"]
@@ -72,21 +75,22 @@ def _config_dilation(config, layer_id: int) -> Dilation | None:
 
 
 class _Windows(torch.autograd.Function):
-    """(N, T, H, hd) keys -> (N, nb, G + 3c, H, hd): per block of c queries, the G global keys
-    then the keys of blocks i-1, i, i+1 (zeros outside the sequence). A plain cat of shifted
-    slices costs a zero-filled buffer per slice in backward; this backward is one copy and
-    two in-place adds."""
+    """(N, T, H, hd) keys -> (N, nb, H, G + 3c, hd): per block of c queries and per head,
+    the G global keys then the keys of blocks i-1, i, i+1 (zeros outside the sequence),
+    laid out as SDPA's (batch, heads, keys, hd) so that merging (N, nb) is a view. A plain
+    cat of shifted slices costs a zero-filled buffer per slice in backward; this backward
+    is one copy and two in-place adds."""
 
     @staticmethod
     def forward(ctx, x, extra, c):
         n, t, h, hd = x.shape
         nb = t // c
         g = 0 if extra is None else extra.shape[1]
-        xb = x.view(n, nb, c, h, hd)
-        out = x.new_empty(n, nb, g + 3 * c, h, hd)
+        xb = x.view(n, nb, c, h, hd).transpose(2, 3)  # (N, nb, H, c, hd), a view
+        out = x.new_empty(n, nb, h, g + 3 * c, hd)
         if g:
-            out[:, :, :g] = extra[:, None]
-        prev, cur, nxt = out[:, :, g:g + c], out[:, :, g + c:g + 2 * c], out[:, :, g + 2 * c:]
+            out[:, :, :, :g] = extra.transpose(1, 2)[:, None]
+        prev, cur, nxt = (out[:, :, :, g + i * c:g + (i + 1) * c] for i in range(3))
         prev[:, 0] = 0
         prev[:, 1:] = xb[:, :-1]
         cur.copy_(xb)
@@ -98,10 +102,14 @@ class _Windows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         c, g = ctx.c, ctx.g
-        gx = grad[:, :, g + c:g + 2 * c].clone(memory_format=torch.contiguous_format)
-        gx[:, :-1] += grad[:, 1:, g:g + c]
-        gx[:, 1:] += grad[:, :-1, g + 2 * c:]
-        gextra = grad[:, :, :g].sum(1) if g and ctx.needs_input_grad[1] else None
+        n, t, h, hd = ctx.shape
+        gx = grad.new_empty(n, t // c, c, h, hd)
+        gxh = gx.transpose(2, 3)  # written through as (N, nb, H, c, hd)
+        gxh.copy_(grad[:, :, :, g + c:g + 2 * c])
+        gxh[:, :-1] += grad[:, 1:, :, g:g + c]
+        gxh[:, 1:] += grad[:, :-1, :, g + 2 * c:]
+        gextra = grad[:, :, :, :g].sum(1).transpose(1, 2) if g and ctx.needs_input_grad[1] \
+            else None
         return gx.view(ctx.shape), gextra, None
 
 
@@ -116,11 +124,9 @@ def _band_attention(q, k, v, key_ok, gk, gv, g_ok, c: int, dropout_p: float, sca
     n, t, h, hd = q.shape
     nb = t // c
     dtype = q.dtype
-    # query blocks: (N*nb, H, c, hd), a view
-    qb = q.view(n, nb, c, h, hd).permute(0, 1, 3, 2, 4).reshape(n * nb, h, c, hd)
-
-    kw = _Windows.apply(k, gk, c).transpose(2, 3).reshape(n * nb, h, -1, hd)
-    vw = _Windows.apply(v, gv, c).transpose(2, 3).reshape(n * nb, h, -1, hd)
+    qb = q.reshape(n * nb, c, h, hd).transpose(1, 2)  # query blocks (N*nb, H, c, hd): a view
+    kw = _Windows.apply(k, gk, c).view(n * nb, h, -1, hd)
+    vw = _Windows.apply(v, gv, c).view(n * nb, h, -1, hd)
     okw = F.pad(key_ok, (c, c), value=False).unfold(1, 3 * c, c)  # (N, nb, 3c)
     r = torch.arange(c, device=q.device)
     col = torch.arange(3 * c, device=q.device)
@@ -133,7 +139,13 @@ def _band_attention(q, k, v, key_ok, gk, gv, g_ok, c: int, dropout_p: float, sca
     mask = torch.zeros(allowed.shape, dtype=dtype, device=q.device).masked_fill_(
         ~allowed, torch.finfo(dtype).min)
     mask = mask.view(n * nb, 1, c, mask.shape[-1])
-    out = F.scaled_dot_product_attention(qb, kw, vw, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    if dropout_p and q.device.type == "cpu":
+        # a CPU SDPA with dropout takes its math path and draws the mask with bernoulli_
+        # (a sixth of a training layer's time): the same math, with the cheaper mask
+        out = attention_with_dropout(qb, kw, vw, mask, dropout_p, scale)
+    else:
+        out = F.scaled_dot_product_attention(qb, kw, vw, attn_mask=mask, dropout_p=dropout_p,
+                                             scale=scale)
     return out.view(n, nb, h, c, hd).permute(0, 1, 3, 2, 4).reshape(n, t, h, hd)
 
 
@@ -184,8 +196,7 @@ class FastLongformerSelfAttention(LongformerSelfAttention):
 
     def _project_qkv(self, x):
         lin = (self.query, self.key, self.value)
-        if all(type(m) is nn.Linear and m.bias is not None and not m._forward_hooks
-               and not m._forward_pre_hooks for m in lin):
+        if _plain(*lin):
             # one GEMM for q, k, v (one input-gradient GEMM, no gradient sums in backward)
             weight = torch.cat([m.weight for m in lin])
             bias = torch.cat([m.bias for m in lin])
@@ -276,16 +287,60 @@ class FastLongformerSelfAttention(LongformerSelfAttention):
             # global tokens as queries: dense over all T keys with the global projections
             hg = hidden_states.new_zeros(bsz, g, embed_dim).index_put(
                 (b_idx, s_idx), hidden_states[b_idx, t_idx])
-            gq = self.query_global(hg).view(bsz, g, h, hd).transpose(1, 2)
-            gk2 = self.key_global(hidden_states).view(bsz, seq_len, h, hd).transpose(1, 2)
-            gv2 = self.value_global(hidden_states).view(bsz, seq_len, h, hd).transpose(1, 2)
-            gmask = torch.zeros(bsz, 1, 1, seq_len, dtype=q.dtype, device=q.device).masked_fill_(
-                is_index_masked[:, None, None, :], torch.finfo(q.dtype).min)
-            gout = F.scaled_dot_product_attention(gq, gk2, gv2, attn_mask=gmask,
-                                                  dropout_p=dropout_p, scale=scale)
-            gout = gout.transpose(1, 2).reshape(bsz, g, embed_dim)
+            gq = self.query_global(hg).view(bsz, g, h, hd).transpose(1, 2)  # (B, H, G, hd)
+            gout = self._global_attention(gq, hidden_states, is_index_masked, dropout_p, scale)
             out = out.index_put((b_idx, t_idx), gout[b_idx, s_idx])
         return (out,)
+
+    def _global_attention(self, gq, hidden_states, is_index_masked, dropout_p: float,
+                          scale: float):
+        """The global tokens' queries (B, H, G, hd) over all T tokens, with the global key
+        and value projections -> (B, G, H * hd).
+
+        With fewer global tokens than a head has dimensions (G < hd: a <s>, a question),
+        the projections fold into the G queries instead of running on all T tokens:
+        q . (W_k x_t + b_k) = (W_k^T q) . x_t + q . b_k, and sum_t p_t (W_v x_t + b_v) =
+        W_v (sum_t p_t x_t) + b_v sum_t p_t. Two T x E x E matmuls per layer become
+        G x T x E ones. (q . b_k is the same for every key of a query, so the softmax
+        ignores it; it is kept so that b_k takes part, with transformers' gradient of
+        about 0: DDP fails on a parameter that a forward does not use.)"""
+        bsz, h, g, hd = gq.shape
+        length = hidden_states.shape[1]
+        masked = is_index_masked[:, None, None, :]  # padding keys: (B, 1, 1, T)
+        if g >= hd or not _plain(self.key_global, self.value_global):
+            gk = self.key_global(hidden_states).view(bsz, length, h, hd).transpose(1, 2)
+            gv = self.value_global(hidden_states).view(bsz, length, h, hd).transpose(1, 2)
+            gmask = torch.zeros(masked.shape, dtype=gq.dtype, device=gq.device).masked_fill_(
+                masked, torch.finfo(gq.dtype).min)
+            if dropout_p and gq.device.type == "cpu":  # as the band: the cheaper mask
+                gout = attention_with_dropout(gq, gk, gv, gmask, dropout_p, scale)
+            else:
+                gout = F.scaled_dot_product_attention(gq, gk, gv, attn_mask=gmask,
+                                                      dropout_p=dropout_p, scale=scale)
+            return gout.transpose(1, 2).reshape(bsz, g, h * hd)
+        # every head's G queries at once against the hidden states: (B, H*G, E) x (B, E, T),
+        # not a broadcast over heads (that would copy the hidden states per head)
+        wk = self.key_global.weight.view(h, hd, -1)  # each head's rows: (H, hd, E)
+        wv = self.value_global.weight.view(h, hd, -1)
+        gq = gq * scale
+        bias = (gq * self.key_global.bias.view(h, 1, hd)).sum(-1)  # (B, H, G)
+        scores = torch.bmm(torch.matmul(gq, wk).view(bsz, h * g, -1),
+                           hidden_states.transpose(1, 2)).view(bsz, h, g, length)
+        probs = (scores + bias[..., None]).masked_fill(
+            masked, torch.finfo(scores.dtype).min).softmax(-1)  # (B, H, G, T)
+        if dropout_p:
+            probs = cheaper_dropout(probs, dropout_p)
+        mixed = torch.bmm(probs.view(bsz, h * g, length), hidden_states)  # (B, H*G, E)
+        gout = torch.matmul(mixed.view(bsz, h, g, -1), wv.transpose(1, 2)) + (  # (B, H, G, hd)
+            self.value_global.bias.view(h, 1, hd) * probs.sum(-1, keepdim=True))
+        # the fp32 bias would promote an autocast bf16 output: the local output's dtype
+        return gout.transpose(1, 2).reshape(bsz, g, h * hd).to(gq.dtype)
+
+
+def _plain(*linears: nn.Module) -> bool:
+    """Plain nn.Linear layers with a bias and no hooks: their weights may be used directly."""
+    return all(type(m) is nn.Linear and m.bias is not None and not m._forward_hooks
+               and not m._forward_pre_hooks for m in linears)
 
 
 def _layers(model) -> list:

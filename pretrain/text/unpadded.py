@@ -27,7 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ...config import ConfigError
-from ...dropout import dropout as cheaper_dropout
+from ...dropout import attention as attention_with_dropout
 
 ATTENTION = "overture_unpadded"
 """The attention implementation name set on a model trained padding-free (not saved in its
@@ -83,16 +83,12 @@ def unpadded_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     # [1, heads, N, d] -> [N, heads, d] (the projection's own layout) -> [B, heads, T, d]
     q, k, v = (packing.unpack_heads(x[0].transpose(0, 1)) for x in (query, key, value))
     if dropout and q.device.type == "cpu":
-        # SDPA's math path, with the cheaper dropout mask (overture.dropout): SDPA would
+        # SDPA's math path with the cheaper dropout mask (overture.dropout): SDPA would
         # draw it with bernoulli_, the largest single cost of a CPU step
-        batch, heads, length, width = q.shape
-        scale = width ** -0.5 if scaling is None else scaling
         bias = torch.zeros(packing.key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-            ~packing.key_mask, float("-inf")).expand(-1, heads, -1, -1)  # [B, heads, 1, T]
-        scores = torch.baddbmm(bias.reshape(batch * heads, 1, length), q.flatten(0, 1),
-                               k.flatten(0, 1).transpose(1, 2), alpha=scale)  # [BH, T, T]
-        probs = cheaper_dropout(scores.softmax(-1), dropout)
-        out = torch.bmm(probs, v.flatten(0, 1)).unflatten(0, (batch, heads))
+            ~packing.key_mask, float("-inf"))  # [B, 1, 1, T]
+        scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+        out = attention_with_dropout(q, k, v, bias, dropout, scale)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.key_mask,
                                              dropout_p=dropout, scale=scaling)
