@@ -102,15 +102,44 @@ class _Windows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         c, g = ctx.c, ctx.g
-        n, t, h, hd = ctx.shape
-        gx = grad.new_empty(n, t // c, c, h, hd)
-        gxh = gx.transpose(2, 3)  # written through as (N, nb, H, c, hd)
-        gxh.copy_(grad[:, :, :, g + c:g + 2 * c])
-        gxh[:, :-1] += grad[:, 1:, :, g:g + c]
-        gxh[:, 1:] += grad[:, :-1, :, g + 2 * c:]
         gextra = grad[:, :, :, :g].sum(1).transpose(1, 2) if g and ctx.needs_input_grad[1] \
             else None
-        return gx.view(ctx.shape), gextra, None
+        return _fold(grad, c, g, ctx.shape), gextra, None
+
+
+def _fold(grad, c: int, g: int, shape) -> torch.Tensor:
+    """The keys' gradient (N, T, H, hd) from their windows' (N, nb, H, G + 3c, hd): a
+    block's keys sit in its own window and in both neighbours'."""
+    n, t, h, hd = shape
+    gx = grad.new_empty(n, t // c, c, h, hd)
+    gxh = gx.transpose(2, 3)  # written through as (N, nb, H, c, hd)
+    gxh.copy_(grad[:, :, :, g + c:g + 2 * c])
+    gxh[:, :-1] += grad[:, 1:, :, g:g + c]
+    gxh[:, 1:] += grad[:, :-1, :, g + 2 * c:]
+    return gx.view(shape)
+
+
+class _OverlappingWindows(torch.autograd.Function):
+    """(N, T, H, hd) keys -> (N*nb, H, 3c, hd) windows without copying them: the rows are
+    laid end to end with c zeros before and after, and each block's window is a view
+    that overlaps its neighbours' (a block at a row's edge sees the next row's keys, which
+    the band mask never lets a query attend: its key_ok columns are the padding's). Forward
+    copies the keys once instead of three times; backward folds the windows' gradient
+    over the rows end to end."""
+
+    @staticmethod
+    def forward(ctx, x, c):
+        n, t, h, hd = x.shape
+        flat = F.pad(x.reshape(1, n * t, h, hd), (0, 0, 0, 0, c, c))  # (1, c + N*T + c, H, hd)
+        ctx.c, ctx.shape = c, x.shape
+        return flat.as_strided((n * t // c, h, 3 * c, hd), (c * h * hd, hd, h * hd, 1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, t, h, hd = ctx.shape
+        c = ctx.c
+        flat = _fold(grad.reshape(1, n * t // c, h, 3 * c, hd), c, 0, (1, n * t, h, hd))
+        return flat.view(ctx.shape), None
 
 
 def _band_attention(q, k, v, key_ok, gk, gv, g_ok, c: int, dropout_p: float, scale: float):
@@ -125,8 +154,11 @@ def _band_attention(q, k, v, key_ok, gk, gv, g_ok, c: int, dropout_p: float, sca
     nb = t // c
     dtype = q.dtype
     qb = q.reshape(n * nb, c, h, hd).transpose(1, 2)  # query blocks (N*nb, H, c, hd): a view
-    kw = _Windows.apply(k, gk, c).view(n * nb, h, -1, hd)
-    vw = _Windows.apply(v, gv, c).view(n * nb, h, -1, hd)
+    if gk is None:
+        kw, vw = _OverlappingWindows.apply(k, c), _OverlappingWindows.apply(v, c)
+    else:  # the global keys come first in every window: each window is its own copy
+        kw = _Windows.apply(k, gk, c).view(n * nb, h, -1, hd)
+        vw = _Windows.apply(v, gv, c).view(n * nb, h, -1, hd)
     okw = F.pad(key_ok, (c, c), value=False).unfold(1, 3 * c, c)  # (N, nb, 3c)
     r = torch.arange(c, device=q.device)
     col = torch.arange(3 * c, device=q.device)
