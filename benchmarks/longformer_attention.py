@@ -148,6 +148,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="--repeats 3 --warmup 1, layer scope only")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = p.parse_args(argv)
+    if not 0.0 <= args.dropout < 1.0:
+        p.error(f"--dropout: a probability in [0, 1), got {args.dropout}")
     if args.quick:
         args.repeats, args.warmup, args.scopes = 3, 1, ["layer"]
     if args.threads:

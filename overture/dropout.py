@@ -72,8 +72,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     computed as SDPA's math path does, with ``dropout``'s mask on the probabilities: a CPU
     SDPA with dropout draws it with ``bernoulli_``, whose mask costs three times as much.
 
-    q: [B, h, Lq, d]; k, v: [B, h, Lk, d]; bias: additive, broadcastable to [B, h, Lq, Lk].
+    q: [B, h, Lq, d]; k, v: [B, h, Lk, d]; bias: additive, [B or 1, h or 1, Lq or 1, Lk]
+    (expanded over the heads, it is copied once per head).
     """
+    if q.dtype == torch.float16:
+        # as SDPA's math path: in fp32, where a mask of finfo(fp16).min plus a score below
+        # -16 does not overflow to -inf (a fully masked row would give NaN, and its
+        # gradient would reach the values through the zeroed output)
+        return attention(q.float(), k.float(), v.float(), bias.float(), p, scale).half()
     batch, heads, lq, width = q.shape
     lk = k.shape[2]
     bias = bias.expand(batch, heads, bias.shape[2], lk).reshape(batch * heads, -1, lk)

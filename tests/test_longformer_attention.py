@@ -269,16 +269,17 @@ def test_dropout_applies_in_training_only():
     assert not torch.allclose(fast(x, **kw)[0], evald)
 
 
-@pytest.mark.parametrize("case", ["padding_and_global", "global_many"])
+@pytest.mark.parametrize("case", ["padding", "padding_and_global", "global_many"])
 def test_bf16_autocast_matches_transformers(case):
     """Under bf16 autocast (train.mixed_precision=bf16) the output keeps autocast's dtype,
-    global tokens' rows included, and equals transformers' to bf16's rounding."""
+    global tokens' rows included, and equals transformers' to bf16's rounding (the
+    overlapping windows, the folded and the projected global paths)."""
     ref, fast = _pair(_config(8))
     x = torch.randn(2, 32, HIDDEN, generator=torch.Generator().manual_seed(2))
     mask = _mask(2, 32, **CASES[case])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = ref(x, attention_mask=mask, is_index_masked=mask < 0,
-                       is_index_global_attn=mask > 0, is_global_attn=True)[0]
+                       is_index_global_attn=mask > 0, is_global_attn=bool((mask > 0).any()))[0]
         out = fast(x, attention_mask=mask)[0]
     assert out.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.float(), rtol=0.05, atol=0.05)
@@ -317,6 +318,36 @@ def test_training_dropout_is_transformers_attention_with_the_cheaper_mask(case, 
     torch.manual_seed(0)
     fast(x, attention_mask=mask)
     assert abs(masks[len(shapes)].float().mean().item() - 0.5) < 0.05
+
+
+def test_fp16_training_with_dropout_has_finite_gradients():
+    """A padding query's window is all padding; in fp16, finfo.min plus a score below -16
+    is -inf, and the row's softmax NaN: the dropout path computes in fp32, as SDPA does."""
+    config = _config(8)
+    config.attention_probs_dropout_prob = 0.1
+    _, fast = _pair(config)
+    fast = fast.half().train()
+    x = torch.randn(2, 32, HIDDEN, generator=torch.Generator().manual_seed(2)).half()
+    x[1, 16:] = 30.0  # padding rows with large hidden states: strongly negative scores
+    x.requires_grad_(True)
+    mask = _mask(2, 32, pad_from={1: 16}).half()
+    out = fast(x, attention_mask=mask)[0]
+    out.float().square().sum().backward()
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
+
+
+def test_global_attention_flag_without_global_tokens():
+    """is_global_attn=True with no global token (transformers itself raises): local only."""
+    ref, fast = _pair(_config(8))
+    x = torch.randn(2, 32, HIDDEN, generator=torch.Generator().manual_seed(2))
+    mask = _mask(2, 32, pad_from={1: 20})
+    out = fast(x, attention_mask=mask, is_index_masked=mask < 0, is_index_global_attn=mask > 0,
+               is_global_attn=True)[0]
+    expected = ref(x, attention_mask=mask, is_index_masked=mask < 0,
+                   is_index_global_attn=mask > 0, is_global_attn=False)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("bad", [0, [1, 2], [1, 2, 0, 1], 1.5, "2"])

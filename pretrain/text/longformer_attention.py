@@ -154,9 +154,10 @@ def _band_attention(q, k, v, key_ok, gk, gv, g_ok, c: int, dropout_p: float, sca
     nb = t // c
     dtype = q.dtype
     qb = q.reshape(n * nb, c, h, hd).transpose(1, 2)  # query blocks (N*nb, H, c, hd): a view
-    if gk is None:
+    if gk is None and q.device.type == "cpu":
+        # overlapping views (CPU only: whether every CUDA kernel reads them is untested)
         kw, vw = _OverlappingWindows.apply(k, c), _OverlappingWindows.apply(v, c)
-    else:  # the global keys come first in every window: each window is its own copy
+    else:  # global keys come first in every window: each window is its own copy
         kw = _Windows.apply(k, gk, c).view(n * nb, h, -1, hd)
         vw = _Windows.apply(v, gv, c).view(n * nb, h, -1, hd)
     okw = F.pad(key_ok, (c, c), value=False).unfold(1, 3 * c, c)  # (N, nb, 3c)
@@ -338,6 +339,8 @@ class FastLongformerSelfAttention(LongformerSelfAttention):
         about 0: DDP fails on a parameter that a forward does not use.)"""
         bsz, h, g, hd = gq.shape
         length = hidden_states.shape[1]
+        if g == 0:  # is_global_attn passed as True with no global token
+            return gq.new_zeros(bsz, 0, h * hd)
         masked = is_index_masked[:, None, None, :]  # padding keys: (B, 1, 1, T)
         if g >= hd or not _plain(self.key_global, self.value_global):
             gk = self.key_global(hidden_states).view(bsz, length, h, hd).transpose(1, 2)
