@@ -61,6 +61,20 @@ def test_trainer_pretrain_compares_both_sides(results, real_text):
     assert len(_recorded(results, "trainer_pretrain")["results"]) == 4
 
 
+def test_the_trainer_side_of_longformer_gets_the_first_token_global():
+    """The stock collator's batch, plus global attention on each row's <s> only."""
+    import torch
+
+    from benchmarks.trainer_pretrain import _first_token_global
+
+    def stock(rows):
+        return {"input_ids": torch.tensor(rows), "labels": torch.tensor(rows)}
+
+    batch = _first_token_global(stock)([[0, 5, 6, 2], [0, 7, 2, 1]])
+    assert batch["global_attention_mask"].tolist() == [[1, 0, 0, 0], [1, 0, 0, 0]]
+    assert batch["input_ids"].tolist() == [[0, 5, 6, 2], [0, 7, 2, 1]]
+
+
 def test_prepare_vs_map_times_both_sides(results):
     from benchmarks import prepare_vs_map
 
