@@ -300,8 +300,8 @@ def test_training_dropout_is_transformers_attention_with_the_cheaper_mask(case, 
     x = torch.randn(2, 32, HIDDEN, generator=torch.Generator().manual_seed(2))
     mask = _mask(2, 32, **CASES[case])
     masks = []
-    monkeypatch.setattr(dropout_module, "keep_mask", lambda shape, p, device: masks.append(
-        torch.ones(shape, dtype=torch.bool)) or masks[-1])
+    monkeypatch.setattr(dropout_module, "keep_mask", lambda shape, p, device, dtype=torch.bool: masks.append(
+        torch.ones(shape, dtype=dtype)) or masks[-1])
     scale = dropout_module.LEVELS / (dropout_module.LEVELS - dropout_module.threshold(0.5))
     out, grads = _run(ref, x, mask)
     _assert_close((out * scale, {k: g * scale for k, g in grads.items()}), _run(fast, x, mask))

@@ -98,7 +98,7 @@ def test_unpadded_attention_with_dropout_computes_sdpas_attention(monkeypatch):
     n, heads, width = int(lengths.sum()), 4, 8
     q, k, v = (torch.randn(1, heads, n, width) for _ in range(3))
     monkeypatch.setattr(dropout_module, "keep_mask",  # a mask that keeps every probability
-                        lambda shape, p, device: torch.ones(shape, dtype=torch.bool))
+                        lambda shape, p, device, dtype=torch.bool: torch.ones(shape, dtype=dtype))
     out, _ = unpadded.unpadded_attention(None, q, k, v, None, dropout=0.3, scaling=0.2,
                                          packing=packing)
     out = out / (LEVELS / (LEVELS - threshold(0.3)))  # the kept probabilities' scale
@@ -129,7 +129,7 @@ def test_unpadded_attention_drops_probabilities_with_the_cheaper_mask(monkeypatc
                         lambda *a: masks.append(real(*a)) or masks[-1])
     out, _ = unpadded.unpadded_attention(None, q, k, v, None, dropout=0.25, scaling=0.5,
                                          packing=packing)
-    (keep,) = masks  # [B * heads, T, T]
+    (keep,) = masks  # [heads * B, T, T]: heads first (Packing.heads_apart)
     assert 0.5 < keep.float().mean() < 0.95
     keep = keep.view(2, 2, 6, 6)
     scale = LEVELS / (LEVELS - threshold(0.25))
@@ -137,7 +137,7 @@ def test_unpadded_attention_drops_probabilities_with_the_cheaper_mask(monkeypatc
     for row, length in enumerate(lengths.tolist()):
         rows = slice(start, start + length)
         probs = (q[0, :, rows] @ k[0, :, rows].transpose(1, 2) * 0.5).softmax(-1)  # [h, L, L]
-        dropped = probs * keep[row, :, :length, :length] * scale
+        dropped = probs * keep[:, row, :length, :length] * scale
         torch.testing.assert_close(out[0, rows], (dropped @ v[0, :, rows]).transpose(0, 1))
         start += length
     out.sum().backward()  # through the mask: a dropped probability passes no gradient
@@ -173,9 +173,12 @@ def test_cheaper_dropout_keeps_each_element_with_probability_1_minus_p(p):
     assert abs(expected - (1 - p)) < 1 / LEVELS
     rate = keep.float().mean().item()
     assert abs(rate - expected) < 4 * (expected * (1 - expected) / n) ** 0.5
-    # the two halves of one random draw, and neighbours, are independent
-    pairs = keep.view(-1, 2).float()
-    assert abs(torch.corrcoef(pairs.T)[0, 1].item()) < 4 / (n / 2) ** 0.5
+    # the four quarters of one random draw, each at the rate, and independent
+    quarters = keep.view(-1, 4).float()
+    for rate in quarters.mean(0).tolist():
+        assert abs(rate - expected) < 4 * (expected * (1 - expected) / (n / 4)) ** 0.5
+    correlation = torch.corrcoef(quarters.T)[~torch.eye(4, dtype=torch.bool)]
+    assert correlation.abs().max().item() < 4 / (n / 4) ** 0.5
     torch.manual_seed(0)
     assert torch.equal(keep_mask(torch.Size([n]), p, torch.device("cpu")), keep)  # seeded
 
