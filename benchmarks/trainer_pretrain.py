@@ -11,8 +11,9 @@ run each per round, --repeats rounds.
     .venv/bin/python -m benchmarks.trainer_pretrain --family gpt --size 128x2
     .venv/bin/python -m benchmarks.trainer_pretrain --family bert --size 256x4 --repeats 3
 
-GPT's default activation in overture is gelu_pytorch_tanh (GPT-2's gelu_new as one fused
-kernel); the Trainer side uses GPT2Config's default, gelu_new, unless --same-activation.
+GPT's and ALBERT's default activation in overture is gelu_pytorch_tanh (their gelu_new as
+one fused kernel); the Trainer side uses GPT2Config's and AlbertConfig's default, gelu_new,
+unless --same-activation.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def trainer_side(objective, recipe, family: str, same_activation: bool):
     config._attn_implementation = "eager" if family == "longformer" else "sdpa"
     if family == "gpt" and not same_activation:
         config.activation_function = "gelu_new"  # GPT2Config's default
+    if family == "albert" and not same_activation:
+        config.hidden_act = "gelu_new"  # AlbertConfig's default
     model_class = type(model)
     phase = recipe.resolved_phases()[0]
     rows = objective.prepare(phase, progress=False).train
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--same-activation", action="store_true",
-                        help="GPT: the Trainer's model uses overture's activation kernel too")
+                        help="GPT, ALBERT: the Trainer's model uses overture's activation "
+                        "kernel too")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more recipe overrides for overture's side (train.compile=true)")
     args = parser.parse_args(argv)

@@ -298,3 +298,24 @@ def test_a_tokenizer_larger_than_the_models_embedding_table_is_refused(source, t
     assert str(err.value) == (f"model.init_from='{folder}': its tokenizer has {rows + 1} tokens "
                               f"but the model embeds {rows}; save the model and tokenizer "
                               "together")
+
+
+def test_a_continued_albert_keeps_its_checkpoints_activation(source, tmp_path, cache_dir,
+                                                             real_text):
+    # the recipe's default (gelu_pytorch_tanh) is for fresh models: a checkpoint trained
+    # with another activation continues with its own, unless the recipe sets one
+    run, _ = source("albert")
+    checkpoint = tmp_path / "erf"
+    shutil.copytree(run / "final", checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+
+    def activation(*overrides):
+        recipe = continued("albert", checkpoint, tmp_path / "out", cache_dir, real_text,
+                           *BASE, *overrides)
+        assert recipe.model.init_from == str(checkpoint)
+        model = prepare(recipe).objective.build_models()["model"].model
+        return model.config.hidden_act
+
+    assert activation() == "gelu"
+    assert activation("model.hidden_act=gelu_new") == "gelu_new"

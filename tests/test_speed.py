@@ -98,6 +98,20 @@ def test_gpt_default_activation_is_gpt2s_gelu_new_in_one_kernel(cache_dir, real_
     assert objective.build_models()["model"].model.config.activation_function == "gelu_new"
 
 
+def test_albert_default_activation_is_albert_gelu_new_in_one_kernel(tmp_path, cache_dir,
+                                                                    real_text):
+    from overture.config import ConfigError
+
+    def activation(*overrides):
+        recipe = tiny("albert", tmp_path / "run", cache_dir, real_text, *overrides)
+        return prepare(recipe).objective.build_models()["model"].model.config.hidden_act
+
+    assert activation() == "gelu_pytorch_tanh"  # the same function as gelu_new: above
+    assert activation("model.hidden_act=gelu_new") == "gelu_new"  # an explicit one wins
+    with pytest.raises(ConfigError, match="model.hidden_act='gelu_fast_please'"):
+        tiny("albert", "unused", cache_dir, real_text, "model.hidden_act=gelu_fast_please")
+
+
 def test_an_unknown_activation_is_refused_naming_the_key(cache_dir, real_text):
     from overture.config import ConfigError
 

@@ -128,7 +128,7 @@ def unpadded_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                                       dropout=dropout, scaling=scaling, **kwargs)
     # [1, heads, N, d] -> [N, heads, d] (the projection's own layout) -> [heads, B, T, d];
     # heads play the batch and the rows the heads of SDPA's [batch, heads, T, d]
-    q, k, v = (packing.heads_apart(x[0].transpose(0, 1)) for x in (query, key, value))
+    q, k, v = (packing.heads_apart(x.squeeze(0).transpose(0, 1)) for x in (query, key, value))
     key_mask = packing.key_mask.transpose(0, 1)  # [1, B, 1, T], as q, k and v
     if dropout and q.device.type == "cpu":
         # SDPA's math path with the cheaper dropout mask (overture.dropout): SDPA would
