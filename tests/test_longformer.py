@@ -350,3 +350,46 @@ def test_init_from_continues_from_a_converted_roberta(tmp_path, cache_dir, real_
                   "model.hidden_size=128")
     with pytest.raises(ConfigError, match=r"model.init_from='.*nowhere': no such folder"):
         continued("longformer", tmp_path / "nowhere", tmp_path / "gone", cache_dir, real_text)
+
+
+def test_without_global_attention_ddp_trains_and_the_global_projections_stay(cache_dir,
+                                                                             real_text):
+    """objective.global_attention=none: no token attends globally, so the global
+    projections never run. DDP fails at its second step on a parameter no forward used;
+    they are frozen instead, and stay as initialised, in the state dict."""
+    import torch.distributed as dist
+
+    def module_and_batch(setting):
+        recipe = tiny("longformer", "unused", cache_dir, real_text, *SMALL,
+                      f"objective.global_attention={setting}")
+        data = prepare(recipe)
+        batch = data.objective.collator(recipe.resolved_phases()[0])(
+            IndexedDataset(data.train).__getitems__([0, 1]))
+        return data.objective.build_models()["model"].train(), batch
+
+    def is_global(name):
+        return re.search(r"\.(query|key|value)_global\.", name) is not None
+
+    trained, _ = module_and_batch("first")
+    assert all(p.requires_grad for p in trained.parameters())
+    module, batch = module_and_batch("none")
+    assert batch["global_attention_mask"].sum() == 0
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    assert frozen and frozen == {n for n, _ in module.named_parameters() if is_global(n)}
+    assert len(frozen) == 6 * module.model.config.num_hidden_layers  # q, k, v: weight, bias
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(module)
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
+                                      lr=1e-3, weight_decay=0.1)
+        for _ in range(2):  # the second step is where an unused parameter fails
+            ddp(**batch)["mlm_loss_sum"].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        dist.destroy_process_group()
+    for name, param in module.named_parameters():
+        assert torch.equal(param, before[name]) == (name in frozen), name
+    assert {n.removeprefix("model.") for n in frozen} <= set(module.model.state_dict())

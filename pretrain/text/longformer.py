@@ -141,6 +141,19 @@ def install_attention(model, dilation: list[int]):
     return install(model, dilation=[[d] * heads for d in dilation])
 
 
+def freeze_global_projections(model) -> None:
+    """With no global token, the global query / key / value projections never run:
+    frozen (``requires_grad`` off), DDP does not wait for their gradients, which it would
+    at the second step ("parameters that were not used in producing loss"), and AdamW
+    leaves them as they are, as it leaves a parameter without a gradient. They stay in
+    the state dict, for a later run with global tokens."""
+    for layer in model.longformer.encoder.layer:
+        attention = layer.attention.self
+        for projection in (attention.query_global, attention.key_global,
+                           attention.value_global):
+            projection.requires_grad_(False)
+
+
 class LongformerCollator(MaskedLMCollator):
     """RoBERTa's batches (dynamic masks) plus ``global_attention_mask``, padded to a
     multiple of the attention window (the model would pad to it anyway)."""
@@ -222,7 +235,10 @@ class Longformer(Roberta):
         # model.init_from: the checkpoint's weights, with the recipe's window and dropout
         model = self.instantiate(LongformerForMaskedLM, config, {"lm_head": "the MLM head"},
                                  fresh)
-        return LongformerModule(install_attention(model, m.dilations))
+        model = install_attention(model, m.dilations)
+        if self.recipe.objective.global_attention == "none":
+            freeze_global_projections(model)
+        return LongformerModule(model)
 
     def flops_per_unit(self, phase: Phase) -> float:
         """As an encoder whose attention spans the window (+1 global token), not the
