@@ -144,6 +144,28 @@ def test_unpadded_attention_drops_probabilities_with_the_cheaper_mask(monkeypatc
     assert q.grad.abs().sum() > 0 and v.grad.abs().sum() > 0
 
 
+def test_moving_rows_apart_and_back_equals_indexing_and_keeps_gradients():
+    # the gathers both ways against plain indexing, in float64, with a row all padding
+    # and a batch without any real token
+    torch.manual_seed(4)
+    for lengths in ([3, 0, 5], [0, 0]):
+        mask = torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]
+        packing = unpadded.Packing.of(mask.long())
+        n = int(mask.sum())
+        x = torch.randn(n, 2, 3, dtype=torch.float64, requires_grad=True)
+        apart = packing.heads_apart(x)  # [heads, B, T, d]
+        expected = torch.zeros(len(lengths), 5, 2, 3, dtype=torch.float64)
+        expected[mask] = x.detach()
+        assert torch.equal(apart, expected.permute(2, 0, 1, 3))
+        assert torch.equal(packing.heads_together(apart), x.detach())
+        padded = torch.randn(len(lengths), 5, 4, dtype=torch.float64, requires_grad=True)
+        assert torch.equal(packing.pack(padded), padded.detach()[mask])
+        if n:
+            assert torch.autograd.gradcheck(packing.heads_apart, (x,))
+            assert torch.autograd.gradcheck(packing.pack, (padded,))
+        assert torch.equal(packing.pack(mask.long()), mask.long()[mask])  # labels: long
+
+
 def test_a_decoder_checkpoint_is_refused_unpadded():
     from transformers import BertConfig, BertForMaskedLM
 
@@ -201,6 +223,11 @@ def test_cheaper_dropout_scales_the_kept_values_and_their_gradients():
     assert (dropout(torch.ones(100_000), 0.99999) != 0).float().mean() < 1e-3
     tiny = dropout(torch.ones(10), 1e-6)
     assert torch.equal(tiny, torch.ones(10))  # nothing drawn as dropped, and no scaling
+    for bad in (-0.1, 1.5):  # refused as F.dropout refuses it (the threshold would wrap)
+        with pytest.raises(ValueError, match=f"between 0 and 1, but got {bad}"):
+            dropout(x, bad)
+    with pytest.raises(ValueError, match="must be in"):  # rounds to 1: torch's, above
+        keep_mask(torch.Size([8]), 0.999999, torch.device("cpu"))
 
 
 def test_use_cheaper_dropout_swaps_plain_dropout_only_and_keeps_the_state_dict():

@@ -38,6 +38,8 @@ def _select(x: torch.Tensor, dim: int, index: torch.Tensor,
             zeros: torch.Tensor | None) -> torch.Tensor:
     """``x.index_select(dim, index)``, then zeros at the positions ``zeros`` along ``dim``
     (the padding slots, whose index is any valid one)."""
+    if x.shape[dim] == 0:  # a batch without a real token: every slot is padding
+        return x.new_zeros(x.shape[:dim] + index.shape + x.shape[dim + 1:])
     out = x.index_select(dim, index)
     return out if zeros is None else out.index_fill_(dim, zeros, 0)
 
