@@ -6,9 +6,10 @@ dropout) was 16-22% of a BERT 256 x 4 training step: torch's CPU generator draws
 gives four elements a 16-bit uniform number each, compared with ``p`` quantized to
 1/65536 (p = 0.1 keeps with probability 0.8999939 instead of 0.9, and the kept values
 are scaled by the inverse of that), and the 0 / 1 mask multiplies the values. Forward
-and backward of 4.2 M elements took 8.2 ms, where ``F.dropout`` took 28.7. The masks come from torch's generator, so
-``torch.manual_seed`` and the engine's saved RNG state reproduce them. On other devices
-(CUDA's fused Philox dropout is already cheap) it is ``F.dropout``.
+and backward of 4.2 M elements took 8.2 ms, where ``F.dropout`` took 28.7. The masks
+come from torch's generator, so ``torch.manual_seed`` and the engine's saved RNG state
+reproduce them. On other devices (CUDA's fused Philox dropout is already cheap) it is
+``F.dropout``.
 """
 
 from __future__ import annotations

@@ -68,14 +68,11 @@ class _MoveRows(torch.autograd.Function):
 class Packing:
     """Where the N real tokens of a right-padded [B, T] batch sit."""
 
-    rows: torch.Tensor
-    """[N] the row of each real token, in row order."""
-    columns: torch.Tensor
-    """[N] its position in the row."""
     key_mask: torch.Tensor
     """[B, 1, 1, T] True at a real token (the keys attention may read)."""
     slots: torch.Tensor
-    """[N] each real token's slot in the flattened batch (row * T + column)."""
+    """[N] each real token's slot in the flattened batch (row * T + column), in row
+    order: the packed order."""
     sources: torch.Tensor
     """[B * T] the real token in each slot (0 at a padding slot)."""
     padding: torch.Tensor
@@ -85,13 +82,12 @@ class Packing:
     def of(cls, attention_mask: torch.Tensor) -> Packing:
         real = attention_mask.bool()  # [B, T]
         # nonzero: N must be known on the host (one sync on a GPU, as varlen kernels need)
-        rows, columns = real.nonzero(as_tuple=True)
-        slots = rows * real.shape[1] + columns
+        slots = real.flatten().nonzero().flatten()
         sources = torch.zeros(real.numel(), dtype=torch.long, device=real.device)
         sources[slots] = torch.arange(len(slots), device=real.device)
         # of known size: no second sync
         padding = torch.nonzero_static(~real.flatten(), size=real.numel() - len(slots))
-        return cls(rows, columns, real[:, None, None, :], slots, sources, padding.flatten())
+        return cls(real[:, None, None, :], slots, sources, padding.flatten())
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> [N, ...]: the real tokens only."""
