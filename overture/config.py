@@ -95,9 +95,11 @@ class DataConfig:
     """Cap on held-out examples kept."""
     num_proc: int = 0
     """Worker processes for preprocessing; 0 uses every core."""
-    chunk_mb: float = 4.0
+    chunk_mb: float = 1.0
     """Documents are processed in windows of about this many MB; random NSP partners and
-    packed blocks come from the same window, so it also bounds memory."""
+    packed blocks come from the same window, so it also bounds memory. Small windows keep
+    the workers evenly busy to the end (4 MB left one of 2 workers idle for the last
+    window of a 20 MB corpus)."""
     cache_dir: str = DEFAULT_CACHE
     """Where tokenizers and prepared examples are cached; env OVERTURE_CACHE replaces the
     default, not a folder the recipe or the command line names."""

@@ -256,16 +256,42 @@ def test_gpt_unfused_head_under_zero3_gives_the_fused_loss(cache_dir, real_text)
         assert module(**batch)["lm_correct"].item() == unfused_correct > 0
 
 
-def test_preparation_workers_import_no_torch_for_unmasked_examples():
+def test_preparation_workers_never_import_torch_and_the_main_process_draws_the_masks(
+        tmp_path, cache_dir, real_text):
+    import pickle
     import subprocess
     import sys
 
-    # what a spawned worker imports to unpickle a builder and run _init_worker
-    code = ("import sys, overture.data.prepare, overture.pretrain.text.builders; "
+    # bert-tiny draws static masks: its worker drafts the pairs, finish() masks them
+    recipe = tiny("bert", "unused", cache_dir, real_text)
+    data = prepare(recipe)
+    builder = data.objective.builder(recipe.resolved_phases()[0])
+    assert builder.static_masking is not None
+    docs = [[line for line in chunk.splitlines() if line.strip()]
+            for chunk in real_text.read_text(encoding="utf-8")[:100_000].split("\n \n")]
+    docs = [d for d in docs if d]
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps((builder, docs)))
+    # what a spawned worker does: unpickle the builder, _init_worker, _process_window
+    code = ("import pickle, sys; from overture.data import prepare as p; "
+            f"builder, docs = pickle.load(open({str(tmp_path / 'job.pkl')!r}, 'rb')); "
+            "p._init_worker(builder, (0, 2), threads=1); "
+            "train, _, _ = p._process_window(0, docs, 0.0); "
+            f"pickle.dump(train, open({str(tmp_path / 'drafts.pkl')!r}, 'wb')); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+    drafts = pickle.loads((tmp_path / "drafts.pkl").read_bytes())
+    assert [tag for tag, _ in drafts] == ["0-train-0-0", "0-train-0-1"]  # two copies
+    assert all("mlm_ids" not in batch.schema.names for _, batch in drafts)
+    # finished in this process, the drafts are what one process builds
+    finished = [builder.finish(tag, batch) for tag, batch in drafts]
+    builder.setup()
+    whole, _ = builder.build(docs, "0-train-0", 2)
+    assert [b.to_pydict() for b in finished] == [b.to_pydict() for b in whole]
+    masked = finished[0].to_pydict()
+    assert finished[0].num_rows > 20 and all(len(ids) for ids in masked["mlm_ids"])
+    assert masked["input_ids"] != drafts[0][1].to_pydict()["input_ids"]  # corrupted
 
 
 def test_compile_without_a_cpu_compiler_is_refused_in_one_line(tmp_path, cache_dir, real_text,

@@ -2,8 +2,9 @@
 worker processes -> Arrow record batches -> a cache folder published atomically.
 
 The main process reads documents and groups them into windows of ``data.chunk_mb``;
-worker processes turn each window into examples with the family's ``ExampleBuilder``
-(NSP pairs, SOP pairs, packed blocks, ...); the main process writes their record batches
+worker processes turn each window into drafted examples with the family's
+``ExampleBuilder`` (NSP pairs, SOP pairs, packed blocks, ...); the main process finishes
+them (static masks, drawn with the torch it has loaded) and writes their record batches
 to Arrow streams in window order. At most two windows per worker are in flight, so peak
 memory does not grow with the corpus, and the output does not depend on the number of
 workers (each window has its own seeded RNG).
@@ -50,10 +51,19 @@ class ExampleBuilder(Protocol):
     def setup(self) -> None:
         """Load what the worker needs (a tokenizer) once, in the worker process."""
 
+    def draft(self, docs: list[list[str]], tag: str,
+              copies: int) -> tuple[list[tuple[str, pa.RecordBatch]], Counter]:
+        """Examples from ``docs`` (each a list of lines), in a worker: ``copies`` passes
+        with different randomness seeded by ``tag``, each a (tag, record batch) for
+        ``finish``; and counters (summed into stats.json)."""
+
+    def finish(self, tag: str, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """A drafted batch completed in the main process (static masks: torch is loaded
+        there, and a worker that never imports it saves a core-second)."""
+
     def build(self, docs: list[list[str]], tag: str,
               copies: int) -> tuple[list[pa.RecordBatch], Counter]:
-        """Examples from ``docs`` (each a list of lines): ``copies`` passes with different
-        randomness seeded by ``tag``, and counters (summed into stats.json)."""
+        """``draft`` then ``finish``, in one process."""
 
 
 @dataclass
@@ -177,13 +187,13 @@ def _build(builder: ExampleBuilder, data: DataConfig, sources, eval_sources, fol
                 windows, builder, data, workers):
             counts["windows"] += 1
             counts.update(window_counts)
-            for batch in train_batches:
-                wtrain.write_batch(batch)
+            for tag, batch in train_batches:
+                wtrain.write_batch(builder.finish(tag, batch))
                 counts["train_examples"] += batch.num_rows
-            for batch in eval_batches:
+            for tag, batch in eval_batches:
                 room = data.eval_max_examples - counts["eval_examples"]
                 if room > 0 and batch.num_rows:
-                    weval.write_batch(batch.slice(0, room))
+                    weval.write_batch(builder.finish(tag, batch).slice(0, room))
                     counts["eval_examples"] += min(room, batch.num_rows)
             bar.update(nbytes)
     if corpus.documents == 0:
@@ -247,13 +257,13 @@ def _init_worker(builder: ExampleBuilder, settings: tuple[int, int], threads: in
 
 
 def _process_window(index: int, docs: list[list[str]], eval_fraction: float):
-    """One window -> (train batches, eval batches, counters)."""
+    """One window -> (train drafts, eval drafts, counters); drafts are (tag, batch)."""
     builder: ExampleBuilder = _WORKER["builder"]
     seed, dupe_factor = _WORKER["settings"]
     rng = random.Random(f"{seed}-split-{index}")
     is_eval = [rng.random() < eval_fraction for _ in docs]
     train_docs = [d for d, e in zip(docs, is_eval) if not e]
     eval_docs = [d for d, e in zip(docs, is_eval) if e]
-    train, train_counts = builder.build(train_docs, f"{seed}-train-{index}", dupe_factor)
-    evaluation, _ = builder.build(eval_docs, f"{seed}-eval-{index}", 1)
+    train, train_counts = builder.draft(train_docs, f"{seed}-train-{index}", dupe_factor)
+    evaluation, _ = builder.draft(eval_docs, f"{seed}-eval-{index}", 1)
     return train, evaluation, Counter({f"train_{k}": v for k, v in train_counts.items()})

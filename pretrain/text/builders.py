@@ -3,6 +3,8 @@
 Each builder tokenizes a window of documents once (lines encoded whole, then split into
 sentences by character offsets, so byte-level BPE keeps its leading-space tokens) and
 cuts examples from the sentences: NSP or SOP pairs, packed sentences, or GPT blocks.
+That is the draft, made in a worker; static masks are drawn by ``finish`` in the main
+process (torch is loaded there and never in a worker).
 
 For whole-word and knowledge masking a ``unit_start`` column (1 where a token starts a
 word or a listed phrase) travels with ``input_ids``. While examples are cut, each token is
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from bisect import bisect_left
 import json
 import random
 import re
@@ -27,13 +30,26 @@ from .nsp import create_pairs
 from .packing import pack_blocks, pack_sentences
 from .sop import create_sop_pairs
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+# the end mark is matched, not looked behind for: the scan jumps to each ".", "!" or "?"
+# (half the time of a look-behind at every character; the same match ends)
+_SENTENCE_END = re.compile(r"[.!?]\s+(?=\S)")
 
 
 def sentence_starts(line: str) -> list[int]:
     """Character offsets where the sentences of a line start: after ``.``, ``!`` or
     ``?`` followed by white space."""
     return [0] + [m.end() for m in _SENTENCE_END.finditer(line)]
+
+
+def sentence_cuts(line: str, enc) -> list[int]:
+    """Token indices where the second and later sentences of ``line`` start, given its
+    encoding ``enc``: a token belongs to the sentence its first character is in. A line
+    of one sentence (a third of WikiText's) never reads the offsets."""
+    starts = sentence_starts(line)
+    if len(starts) == 1:
+        return []
+    token_starts = [start for start, _ in enc.offsets]  # non-decreasing
+    return [bisect_left(token_starts, s) for s in starts[1:]]
 
 
 @dataclass
@@ -117,15 +133,39 @@ class TextBuilder:
             self._phrase_re = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)",
                                          re.IGNORECASE if self.lowercase else 0)
 
-    def build(self, docs, tag, copies):
+    def draft(self, docs, tag, copies):
         counts: Counter = Counter()
         tokenized = self.tokenize(docs, self.piece_length(), counts)
-        batches = []
+        drafts = []
         for copy in range(copies):
             rows, labels = self.examples(tokenized, random.Random(f"{tag}-{copy}"), counts)
-            batches.append(self.to_batch(rows, labels, f"{tag}-{copy}"))
+            drafts.append((f"{tag}-{copy}", self.to_batch(rows, labels)))
             counts["tokens"] += sum(map(len, rows))
-        return batches, counts
+        return drafts, counts
+
+    def finish(self, tag: str, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The static masks drawn into a drafted batch (seeded by ``tag``): the corrupted
+        ``input_ids``, ``mlm_positions`` and ``mlm_ids``."""
+        if not self.static_masking:
+            return batch
+        tokens = batch.column("input_ids")
+        lengths = np.diff(tokens.offsets.to_numpy()).astype(np.int64)
+        flat = tokens.values.to_numpy().astype(np.int64)
+        units = batch.column("unit_start").values.to_numpy() if self.units != "token" else None
+        if len(lengths):
+            flat, positions, ids, counts = self._mask(flat, lengths, units, tag)
+        else:
+            positions = ids = counts = np.zeros(0, np.int64)
+        columns = {name: batch.column(name) for name in batch.schema.names}
+        columns["input_ids"] = _list_array(lengths, flat.astype(np.int32))
+        columns["mlm_positions"] = _list_array(counts, positions.astype(np.int16))
+        columns["mlm_ids"] = _list_array(counts, ids.astype(np.int32))
+        schema = self.schema()
+        return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+    def build(self, docs, tag, copies):
+        drafts, counts = self.draft(docs, tag, copies)
+        return [self.finish(t, batch) for t, batch in drafts], counts
 
     # ------------------------------------------------------------------ family specifics
     def piece_length(self) -> int:
@@ -156,15 +196,16 @@ class TextBuilder:
             if whole_lines:  # one segment per line, never cut: the blocks join them all
                 out[d].append(enc.ids)
                 continue
-            values = np.asarray(enc.ids, dtype=np.int64)
+            values = enc.ids
             if self.units != "token":
-                values = values * 2 + self._unit_starts(line, enc, counts)
-            token_starts = np.asarray([o[0] for o in enc.offsets])
-            sentence = np.searchsorted(sentence_starts(line), token_starts, side="right")
-            bounds = np.flatnonzero(np.diff(sentence)) + 1
-            for part in np.split(values, bounds):
-                for start in range(0, len(part), piece):
-                    chunk = part[start:start + piece].tolist()
+                values = (np.asarray(values, dtype=np.int64) * 2
+                          + self._unit_starts(line, enc, counts)).tolist()
+            # sentences, then pieces of at most `piece` tokens (list slices: a line is
+            # too short for numpy's per-call cost to pay)
+            cuts = sentence_cuts(line, enc)
+            for first, end in zip([0, *cuts], [*cuts, len(values)]):
+                for start in range(first, end, piece):
+                    chunk = values[start:min(start + piece, end)]
                     if self.units != "token":
                         chunk[0] |= 1  # a cut piece starts a unit
                     out[d].append(chunk)
@@ -183,10 +224,9 @@ class TextBuilder:
                 counts["phrases_matched"] += 1
         return starts.astype(np.int64)
 
-    def to_batch(self, rows: list[list[int]], labels: list[int] | None,
-                 tag: str) -> pa.RecordBatch:
-        """Rows -> one Arrow record batch from flat arrays and offsets; with static
-        masking the masks are drawn here, once."""
+    def to_batch(self, rows: list[list[int]], labels: list[int] | None) -> pa.RecordBatch:
+        """Rows -> one Arrow record batch from flat arrays and offsets, without static
+        masks (``finish`` draws them)."""
         lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64,
                            count=int(lengths.sum()))
@@ -196,19 +236,13 @@ class TextBuilder:
             flat = flat >> 1
         if self.label_column:
             columns[self.label_column] = pa.array(labels, pa.int8())
-        if self.static_masking:
-            if len(rows):
-                flat, positions, ids, counts = self._mask(flat, lengths, columns, tag)
-            else:
-                positions = ids = counts = np.zeros(0, np.int64)
-            columns["mlm_positions"] = _list_array(counts, positions.astype(np.int16))
-            columns["mlm_ids"] = _list_array(counts, ids.astype(np.int32))
         columns["input_ids"] = _list_array(lengths, flat.astype(np.int32))
-        schema = self.schema()
-        return pa.RecordBatch.from_arrays([columns[f.name] for f in schema], schema=schema)
+        fields = [f for f in self.schema() if f.name in columns]
+        return pa.RecordBatch.from_arrays([columns[f.name] for f in fields],
+                                          schema=pa.schema(fields))
 
-    def _mask(self, flat, lengths, columns, tag):
-        # torch only here: the preparation workers of unmasked examples never import it
+    def _mask(self, flat, lengths, unit_starts, tag):
+        # torch only here, in the main process (finish): workers never import it
         import torch
 
         from .masking import IGNORE_INDEX, mask_tokens
@@ -220,9 +254,9 @@ class TextBuilder:
         ids = torch.from_numpy(ids)
         special = torch.from_numpy(np.isin(ids.numpy(), self.special_ids) | ~real)
         units = None
-        if "unit_start" in columns:
+        if unit_starts is not None:
             units = np.zeros((len(lengths), width), dtype=np.int8)
-            units[real] = columns["unit_start"].values.to_numpy()
+            units[real] = unit_starts
             units = torch.from_numpy(units)
         seed = int.from_bytes(hashlib.sha256(f"mask-{tag}".encode()).digest()[:8],
                               "little") & (2**63 - 1)
