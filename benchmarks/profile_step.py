@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         state = TrainState()
         loader, sampler = train_loader(data.train, objective.collator(phase), phase, recipe,
                                        accelerator)
-        batches = micro_batches(loader, sampler, state, accelerator)
+        batches = micro_batches(loader, sampler, state)
         cfg = recipe.train
         for step in range(args.warmup):
             train_step(trainer, batches, accelerator, cfg, step)

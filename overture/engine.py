@@ -233,9 +233,9 @@ def _train(recipe: Recipe, accelerator, progress: bool) -> Path:
             state.world_size, state.batch_size = accelerator.num_processes, phase.batch_size
             with accelerator.main_process_first():
                 data = objective.prepare(phase, progress=progress and is_main)
-            loader, sampler = train_loader(data.train, objective.collator(phase), phase,
-                                           recipe, accelerator)
-            batches = micro_batches(loader, sampler, state, accelerator)
+            loader, epochs = train_loader(data.train, objective.collator(phase), phase,
+                                          recipe, accelerator)
+            batches = micro_batches(loader, epochs, state)
             evaluator.set_phase(data.eval, objective.collator(phase), phase, recipe)
             if not evaluator.enabled and is_main:  # said once; nothing to evaluate
                 where = f" in phase {phase_index}" if len(phases) > 1 else ""

@@ -1,6 +1,7 @@
-"""The training data stream: a seeded per-epoch order shared by every process, loader
-workers that live across epochs, and the micro-batch stream that keeps the run's data
-position (so that a resume neither replays nor skips a batch)."""
+"""The training data stream: a seeded per-epoch order shared by every process, batches
+that run from one epoch into the next through one loader iterator (its workers prefetch
+across the epoch's end), and the micro-batch stream that keeps the run's data position
+(so that a resume neither replays nor skips a batch)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,45 @@ def check_one_batch(examples: int, phase: Phase, processes: int) -> None:
                           "use more data or a smaller batch")
 
 
-def train_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
+class EpochBatches(torch.utils.data.Sampler):
+    """The batches of one epoch after another, without end, from a data position on.
+
+    Each epoch is ``order``'s permutation for that epoch cut into batches of
+    ``batch_size``, as many as fill whole groups of ``processes`` batches (the rest of the
+    epoch dropped): Accelerate's ``BatchSamplerShard`` deals each group out, one batch per
+    process, so a group never spans two epochs. That is what a ``BatchSampler`` with
+    ``drop_last`` gives per epoch; one stream of every epoch lets one loader iterator
+    (and its workers' prefetch) run across the epoch's end, where a fresh iterator per
+    epoch waited for its first batch.
+    """
+
+    drop_last = True  # read by BatchSamplerShard: only whole groups of batches
+
+    def __init__(self, order: EpochSampler, batch_size: int, processes: int):
+        self.order, self.batch_size, self.processes = order, batch_size, processes
+        self.per_process = len(order) // (batch_size * processes)
+        """Batches of one process in an epoch (the engine's steps_per_epoch counts these)."""
+        self.epoch = self.skip = 0
+
+    def start_at(self, epoch: int, batch_in_epoch: int) -> None:
+        """Start the next iteration at ``epoch``, after the ``batch_in_epoch`` batches
+        of each process already consumed (not replayed)."""
+        self.epoch, self.skip = epoch, batch_in_epoch * self.processes
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, skip, size = self.epoch, self.skip, self.batch_size
+        while True:
+            self.order.set_epoch(epoch)
+            indices = list(self.order)
+            for b in range(skip, self.per_process * self.processes):
+                yield indices[b * size:(b + 1) * size]
+            epoch, skip = epoch + 1, 0
+
+
+def train_loader(dataset, collator, phase: Phase, recipe: Recipe,
+                 accelerator) -> tuple[torch.utils.data.DataLoader, EpochBatches]:
+    """The training loader of ``phase`` (prepared by Accelerate) and its batches, which
+    ``micro_batches`` starts at the run's data position."""
     check_one_batch(len(dataset), phase, accelerator.num_processes)
     lengths = None
     if recipe.train.group_by_length:
@@ -62,22 +101,18 @@ def train_loader(dataset, collator, phase: Phase, recipe: Recipe, accelerator):
             raise ConfigError(f"train.group_by_length: objective {recipe.objective.name!r} "
                               "gives its examples no length column; set it to false")
         lengths = dataset["length"]
-    sampler = EpochSampler(len(dataset), recipe.train.seed, lengths,
-                           group=50 * phase.batch_size * accelerator.num_processes,
-                           tagged=True)
-    workers = recipe.train.num_workers
+    order = EpochSampler(len(dataset), recipe.train.seed, lengths,
+                         group=50 * phase.batch_size * accelerator.num_processes, tagged=True)
+    batches = EpochBatches(order, phase.batch_size, accelerator.num_processes)
     loader = torch.utils.data.DataLoader(
-        IndexedDataset(dataset, epoch_tagged=True), batch_size=phase.batch_size,
-        sampler=sampler, collate_fn=EpochCollate(collator),
-        drop_last=True, num_workers=workers,
-        # workers live across epochs (no restart and refill at every epoch); each batch
-        # carries its epoch to their copy of the collator (EpochCollate)
-        persistent_workers=workers > 0,
+        IndexedDataset(dataset, epoch_tagged=True), batch_sampler=batches,
+        # each batch carries its epoch to the workers' copy of the collator (EpochCollate)
+        collate_fn=EpochCollate(collator), num_workers=recipe.train.num_workers,
         pin_memory=torch.cuda.is_available(),  # asynchronous host-to-GPU copies
         # its own generator, so creating an iterator never draws from the global RNG
         # (which drives dropout and must match between a straight and a resumed run)
         generator=torch.Generator().manual_seed(recipe.train.seed))
-    return accelerator.prepare(loader), sampler
+    return accelerator.prepare(loader), batches
 
 
 class EpochCollate:
@@ -93,20 +128,13 @@ class EpochCollate:
         return self.collator(rows)
 
 
-def micro_batches(loader, sampler: EpochSampler, state: TrainState,
-                   accelerator) -> Iterator[dict]:
+def micro_batches(loader, batches: EpochBatches, state: TrainState) -> Iterator[dict]:
     """Endless stream of micro-batches that keeps ``state`` at the data position (each
-    batch tells the collator its epoch: EpochCollate)."""
-    while True:
-        # resume mid-epoch: skip the batches this epoch already consumed (not replayed)
-        epoch_loader = (accelerator.skip_first_batches(loader, state.batch_in_epoch)
-                        if state.batch_in_epoch else loader)
-        epoch_loader.set_epoch(state.epoch)
-        # Accelerate's set_epoch does not reach a sampler under SkipBatchSampler and
-        # BatchSamplerShard, so the epoch is set on ours directly too.
-        sampler.set_epoch(state.epoch)
-        for batch in epoch_loader:
-            state.batch_in_epoch += 1
-            yield batch
-        state.epoch += 1
-        state.batch_in_epoch = 0
+    batch tells the collator its epoch: EpochCollate). One iterator of ``loader`` runs
+    through every epoch."""
+    batches.start_at(state.epoch, state.batch_in_epoch)
+    for batch in loader:
+        if state.batch_in_epoch == batches.per_process:  # the epoch's last was consumed
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        state.batch_in_epoch += 1
+        yield batch

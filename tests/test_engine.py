@@ -189,8 +189,8 @@ def test_data_wait_fraction_is_the_share_of_time_spent_waiting_for_batches(tmp_p
     assert slow[-1] > 0.6, slow  # the first record also holds the start-up
 
 
-def test_training_loader_pins_memory_on_cuda_and_keeps_its_workers(make_recipe, tmp_path,
-                                                                   monkeypatch):
+def test_training_loader_pins_memory_on_cuda_and_uses_the_recipes_workers(
+        make_recipe, tmp_path, monkeypatch):
     from accelerate import Accelerator
 
     from helpers import prepare
@@ -203,8 +203,67 @@ def test_training_loader_pins_memory_on_cuda_and_keeps_its_workers(make_recipe, 
         monkeypatch.setattr(loaders.torch.cuda, "is_available", lambda: cuda)
         loader, _ = loaders.train_loader(data.train, data.objective.collator(phase), phase,
                                          recipe, Accelerator(cpu=True))
-        assert loader.pin_memory is cuda
-        assert loader.persistent_workers and loader.num_workers == 2
+        assert loader.pin_memory is cuda and loader.num_workers == 2
+
+
+def test_one_loader_iterator_runs_through_epochs_in_each_epochs_order(monkeypatch):
+    """The stream crosses three epoch ends with one loader iterator (its workers
+    prefetch the next epoch's first batch while the last one trains); the batches are
+    each epoch's seeded order cut into batches, its incomplete tail dropped, and the data
+    position counts batches within the epoch."""
+    from accelerate import Accelerator
+
+    from overture import loaders
+    from overture.config import load_recipe
+    from overture.state import TrainState
+
+    class Examples:  # 23 examples: 5 batches of 4 per epoch, 3 left over
+        column_names = ["input_ids"]
+
+        def __len__(self):
+            return 23
+
+        def __getitem__(self, rows):
+            return {"input_ids": list(rows)}
+
+    class Collator:  # the worker's copy learns each batch's epoch (EpochCollate)
+        epoch = None
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __call__(self, rows):
+            return {**rows, "epoch": self.epoch}
+
+    recipe = load_recipe("bert-tiny", ["train.batch_size=4", "train.num_workers=1"])
+    iterators = []
+    original = torch.utils.data.DataLoader.__iter__
+
+    def counted(self):
+        iterators.append(self)
+        return original(self)
+
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", counted)
+    loader, epochs = loaders.train_loader(Examples(), Collator(), recipe.resolved_phases()[0],
+                                          recipe, Accelerator(cpu=True))
+    state = TrainState()
+    stream = loaders.micro_batches(loader, epochs, state)
+    seen, positions = [], []
+    for _ in range(16):  # 3 epochs of 5 batches, and one more
+        batch = next(stream)
+        seen.append(batch["indices"])
+        positions.append((state.epoch, state.batch_in_epoch))
+        assert batch["epoch"] == state.epoch
+    assert len(iterators) == 1 and epochs.per_process == 5
+    expected = []
+    for epoch in range(4):
+        sampler = loaders.EpochSampler(23, recipe.train.seed)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        expected += [order[b * 4:(b + 1) * 4] for b in range(5)]
+    assert seen == expected[:16]
+    assert positions == [(e, b) for e in range(3) for b in range(1, 6)] + [(3, 1)]
+    assert expected[0:5] != expected[5:10]  # a new order each epoch
 
 
 def test_dynamic_masks_in_loader_workers_follow_the_epoch(tmp_path, cache_dir, real_text):

@@ -197,7 +197,7 @@ def _stream(monkeypatch, recipe, rank: int, world: int, steps: int, skip: int = 
         def stream(state):
             loader, sampler = loaders.train_loader(_Examples(203), collator, phase, recipe,
                                                    accelerator)
-            return loaders.micro_batches(loader, sampler, state, accelerator)
+            return loaders.micro_batches(loader, sampler, state)
 
         state = TrainState()
         batches = stream(state)
