@@ -82,13 +82,34 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def source_version() -> dict | None:
+    """The commit of the code measured, and whether its tracked files (the recorded
+    results aside) differ from that commit; None outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              check=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":(exclude)benchmarks/results")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "modified": bool(changed)}
+
+
 def record(name: str, settings: dict, results: list[dict], info: dict | None = None) -> Path:
-    """Append one JSON line (the benchmark, its settings, the machine, the results) to
-    benchmarks/results/NAME.jsonl; returns the file."""
+    """Append one JSON line (the benchmark, its settings, the code's commit, the machine,
+    the results) to benchmarks/results/NAME.jsonl; returns the file."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.jsonl"
     line = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "machine": info or machine(), "settings": settings, "results": results}
+            "source": source_version(), "machine": info or machine(), "settings": settings,
+            "results": results}
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
     return path

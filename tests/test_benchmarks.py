@@ -4,6 +4,8 @@ themselves are run by hand: ``python -m benchmarks``; no timing is asserted here
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +42,12 @@ def _recorded(folder, name: str) -> dict:
     assert len(lines) == 1
     line = json.loads(lines[0])
     assert line["benchmark"] == name and line["machine"]["peak_tflops"] > 0
+    # the code measured: this checkout's commit (a checkout without git records None)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    if head.returncode == 0:
+        assert line["source"]["commit"] == head.stdout.strip()
+        assert isinstance(line["source"]["modified"], bool)
     return line
 
 

@@ -83,6 +83,42 @@ def test_lines_split_into_sentences_at_end_punctuation_and_space():
     assert pieces == ["It rained .", "Then it stopped!", "Did it?", "yes, 3.5 mm"]
 
 
+def _cuts_by_sentence_of_each_token(line: str, offsets) -> list[int]:
+    """The rule itself, token by token: a token belongs to the sentence its first
+    character is in; a cut wherever that sentence changes."""
+    import bisect
+
+    starts = sentence_starts(line)
+    sentence = [bisect.bisect_right(starts, start) for start, _ in offsets]
+    return [i for i in range(1, len(sentence)) if sentence[i] != sentence[i - 1]]
+
+
+def test_sentence_cuts_follow_each_tokens_first_character(make_recipe):
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+
+    from overture.pretrain.text.builders import sentence_cuts
+
+    tok = Tokenizer.from_str(prepare(make_recipe("unused")).tokenizer.backend_tokenizer.to_str())
+    lines = ["It rained.  Then it stopped! Did it? yes, 3.5 mm", "One sentence only",
+             "Dots... and more. ?! . . x", "Tab.\tNew line.\u00a0Odd space. \u00c9t\u00e9.",
+             "  Lead. Trail.  ", "a.b. c!  d?"]
+    for line in lines:
+        enc = tok.encode(line, add_special_tokens=False)
+        cuts = sentence_cuts(line, enc)
+        # the same pieces as the rule (a cut may repeat, or fall at 0 or the end)
+        pieces = [enc.ids[a:b] for a, b in zip([0, *cuts], [*cuts, len(enc.ids)]) if b > a]
+        rule = _cuts_by_sentence_of_each_token(line, enc.offsets)
+        assert pieces == [enc.ids[a:b] for a, b in zip([0, *rule], [*rule, len(enc.ids)])]
+    assert len(sentence_cuts(lines[0], tok.encode(lines[0], add_special_tokens=False))) == 3
+    # offsets that go back (no tokenizer here does): the rule, token by token
+    line = "Aa bb. Cc dd. Ee ff."
+    offsets = [(0, 2), (3, 5), (5, 6), (7, 9), (10, 12), (4, 5), (12, 13), (14, 16), (17, 19)]
+    assert sentence_cuts(line, SimpleNamespace(offsets=offsets)) == [3, 5, 6, 7] == \
+        _cuts_by_sentence_of_each_token(line, offsets)
+
+
 def test_prepared_real_text_is_balanced_and_well_formed(make_recipe):
     recipe = make_recipe("unused", "data.max_seq_len=128", "objective.max_predictions_per_seq=20")
     data = prepare(recipe, progress=False)

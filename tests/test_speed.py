@@ -256,7 +256,7 @@ def test_gpt_unfused_head_under_zero3_gives_the_fused_loss(cache_dir, real_text)
         assert module(**batch)["lm_correct"].item() == unfused_correct > 0
 
 
-def test_preparation_workers_never_import_torch_and_the_main_process_draws_the_masks(
+def test_few_preparation_workers_never_import_torch_and_the_main_process_draws_the_masks(
         tmp_path, cache_dir, real_text):
     import pickle
     import subprocess
@@ -274,7 +274,7 @@ def test_preparation_workers_never_import_torch_and_the_main_process_draws_the_m
     # what a spawned worker does: unpickle the builder, _init_worker, _process_window
     code = ("import pickle, sys; from overture.data import prepare as p; "
             f"builder, docs = pickle.load(open({str(tmp_path / 'job.pkl')!r}, 'rb')); "
-            "p._init_worker(builder, (0, 2), threads=1); "
+            "p._init_worker(builder, (0, 2, False), threads=1); "
             "train, _, _ = p._process_window(0, docs, 0.0); "
             f"pickle.dump(train, open({str(tmp_path / 'drafts.pkl')!r}, 'wb')); "
             "print('torch' in sys.modules)")
@@ -292,6 +292,15 @@ def test_preparation_workers_never_import_torch_and_the_main_process_draws_the_m
     masked = finished[0].to_pydict()
     assert finished[0].num_rows > 20 and all(len(ids) for ids in masked["mlm_ids"])
     assert masked["input_ids"] != drafts[0][1].to_pydict()["input_ids"]  # corrupted
+    # with many workers or copies the workers finish their drafts themselves: the same
+    from overture.data import prepare as p
+
+    p._init_worker(builder, (0, 2, True), threads=None)
+    in_worker, _, _ = p._process_window(0, docs, 0.0)
+    assert [b.to_pydict() for _, b in in_worker] == [b.to_pydict() for b in whole]
+    data_cfg = recipe.data
+    assert data_cfg.dupe_factor == 2 and p.main_finishes(4, data_cfg)  # 4 x 2 copies
+    assert not p.main_finishes(5, data_cfg)  # more would outrun the one main process
 
 
 def test_compile_without_a_cpu_compiler_is_refused_in_one_line(tmp_path, cache_dir, real_text,

@@ -3,11 +3,11 @@ worker processes -> Arrow record batches -> a cache folder published atomically.
 
 The main process reads documents and groups them into windows of ``data.chunk_mb``;
 worker processes turn each window into drafted examples with the family's
-``ExampleBuilder`` (NSP pairs, SOP pairs, packed blocks, ...); the main process finishes
-them (static masks, drawn with the torch it has loaded) and writes their record batches
-to Arrow streams in window order. At most two windows per worker are in flight, so peak
-memory does not grow with the corpus, and the output does not depend on the number of
-workers (each window has its own seeded RNG).
+``ExampleBuilder`` (NSP pairs, SOP pairs, packed blocks, ...) and finish them (static
+masks) unless the main process does (``MAIN_FINISHES``); the main process writes their
+record batches to Arrow streams in window order. At most two windows per worker are in
+flight, so peak memory does not grow with the corpus, and the output does not depend on
+the number of workers (each window has its own seeded RNG).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ class ExampleBuilder(Protocol):
         ``finish``; and counters (summed into stats.json)."""
 
     def finish(self, tag: str, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """A drafted batch completed in the main process (static masks: torch is loaded
-        there, and a worker that never imports it saves a core-second)."""
+        """A drafted batch completed (static masks, with torch), in a worker or, with few
+        workers and copies, in the main process (``MAIN_FINISHES``)."""
 
     def build(self, docs: list[list[str]], tag: str,
               copies: int) -> tuple[list[pa.RecordBatch], Counter]:
@@ -183,17 +183,18 @@ def _build(builder: ExampleBuilder, data: DataConfig, sources, eval_sources, fol
             pa.ipc.new_stream(ftrain, schema) as wtrain, \
             pa.ipc.new_stream(feval, schema) as weval:
         windows = _windows(data, sources, eval_sources, corpus)
+        finish = builder.finish if main_finishes(workers, data) else (lambda tag, batch: batch)
         for nbytes, (train_batches, eval_batches, window_counts) in _map_windows(
                 windows, builder, data, workers):
             counts["windows"] += 1
             counts.update(window_counts)
             for tag, batch in train_batches:
-                wtrain.write_batch(builder.finish(tag, batch))
+                wtrain.write_batch(finish(tag, batch))
                 counts["train_examples"] += batch.num_rows
             for tag, batch in eval_batches:
                 room = data.eval_max_examples - counts["eval_examples"]
                 if room > 0 and batch.num_rows:
-                    weval.write_batch(builder.finish(tag, batch).slice(0, room))
+                    weval.write_batch(finish(tag, batch).slice(0, room))
                     counts["eval_examples"] += min(room, batch.num_rows)
             bar.update(nbytes)
     if corpus.documents == 0:
@@ -219,9 +220,24 @@ def _build(builder: ExampleBuilder, data: DataConfig, sources, eval_sources, fol
              corpus.invalid_utf8_replaced)
 
 
+MAIN_FINISHES = 8
+"""The main process finishes the workers' drafts (draws static masks) when workers x
+data.dupe_factor is at most this; above, each worker does. Drawn in the main process,
+the masks spare every worker importing torch (1.2 s of a core, once: 10% of preparing 20
+MB on 2 cores); but they are one process's work, about 0.03 s per MB and copy against a
+worker's 0.55 s per MB plus 0.08 per copy (2 cores, WikiText), so the main process
+would become the bottleneck with many workers or copies (bert-base draws 10). At 8 it
+is busy at most about 40% of the time."""
+
+
+def main_finishes(workers: int, data: DataConfig) -> bool:
+    """Whether the main process draws the static masks (``MAIN_FINISHES``)."""
+    return workers * data.dupe_factor <= MAIN_FINISHES
+
+
 def _map_windows(windows, builder: ExampleBuilder, data: DataConfig, workers: int):
     """Yield (bytes, result) for each window in order, using ``workers`` processes."""
-    settings = (data.seed, data.dupe_factor)
+    settings = (data.seed, data.dupe_factor, not main_finishes(workers, data))
     if workers == 1:
         _init_worker(builder, settings, threads=None)
         for index, docs, nbytes, fraction in windows:
@@ -244,7 +260,8 @@ def _map_windows(windows, builder: ExampleBuilder, data: DataConfig, workers: in
 _WORKER: dict = {}
 
 
-def _init_worker(builder: ExampleBuilder, settings: tuple[int, int], threads: int | None) -> None:
+def _init_worker(builder: ExampleBuilder, settings: tuple[int, int, bool],
+                 threads: int | None) -> None:
     if threads is not None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         # torch reads this when first imported (a builder drawing static masks imports it;
@@ -259,11 +276,14 @@ def _init_worker(builder: ExampleBuilder, settings: tuple[int, int], threads: in
 def _process_window(index: int, docs: list[list[str]], eval_fraction: float):
     """One window -> (train drafts, eval drafts, counters); drafts are (tag, batch)."""
     builder: ExampleBuilder = _WORKER["builder"]
-    seed, dupe_factor = _WORKER["settings"]
+    seed, dupe_factor, finishes = _WORKER["settings"]
     rng = random.Random(f"{seed}-split-{index}")
     is_eval = [rng.random() < eval_fraction for _ in docs]
     train_docs = [d for d, e in zip(docs, is_eval) if not e]
     eval_docs = [d for d, e in zip(docs, is_eval) if e]
     train, train_counts = builder.draft(train_docs, f"{seed}-train-{index}", dupe_factor)
     evaluation, _ = builder.draft(eval_docs, f"{seed}-eval-{index}", 1)
+    if finishes:
+        train, evaluation = ([(tag, builder.finish(tag, batch)) for tag, batch in drafts]
+                             for drafts in (train, evaluation))
     return train, evaluation, Counter({f"train_{k}": v for k, v in train_counts.items()})

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 import json
 import random
 import re
@@ -48,7 +48,10 @@ def sentence_cuts(line: str, enc) -> list[int]:
     starts = sentence_starts(line)
     if len(starts) == 1:
         return []
-    token_starts = [start for start, _ in enc.offsets]  # non-decreasing
+    token_starts = [start for start, _ in enc.offsets]
+    if token_starts != sorted(token_starts):  # never seen; then token by token
+        sentence = [bisect_right(starts, t) for t in token_starts]
+        return [i for i in range(1, len(sentence)) if sentence[i] != sentence[i - 1]]
     return [bisect_left(token_starts, s) for s in starts[1:]]
 
 
