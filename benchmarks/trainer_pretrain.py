@@ -212,6 +212,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{info['transformers']}; peak {info['peak_tflops']:.3f} TFLOP/s "
           f"({info['peak_source']}); batch {args.batch} x {args.seq}, vocab {args.vocab}, "
           f"tokens/s median (min-max) of {args.repeats}")
+    if results and recipe.train.mixed_precision != "no":  # both sides ran in it
+        import torch
+
+        from overture.peak import run_peak
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        peak, source = run_peak(None, device, recipe.train.mixed_precision)
+        info[f"{recipe.train.mixed_precision}_peak_tflops"] = peak
+        print(f"both sides in {recipe.train.mixed_precision}; the MFU column is against "
+              f"{peak:.3f} TFLOP/s ({source.split(';')[0]})")
     print(table(["family, size, vocabulary", "overture", "Trainer", "ratio", "overture MFU",
                  "overture data wait"], rows))
     print(f"recorded in {record('trainer_pretrain', settings, results, info)}")

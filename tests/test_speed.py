@@ -191,6 +191,68 @@ def test_a_measured_peak_is_cached_and_a_remeasure_keeps_the_higher(tmp_path, mo
     assert 0 < measured_peak(torch.device("cpu"))[0] < 1e6
 
 
+def test_the_peak_is_timed_after_the_warm_up_products(monkeypatch):
+    """Matrix units that start slow (a CPU's AMX: its first bf16 products ran at a third
+    of its speed) are timed once warm: only products after warmup_s count."""
+    from overture import peak
+
+    clock = {"now": 0.0, "calls": 0}
+
+    def mm(a, b):  # 1 s for each of the first 3 products, 0.1 s after
+        clock["calls"] += 1
+        clock["now"] += 1.0 if clock["calls"] <= 3 else 0.1
+
+    monkeypatch.setattr(peak.torch, "mm", mm)
+    monkeypatch.setattr(peak.time, "perf_counter", lambda: clock["now"])
+    tflops = peak.measure_gemm_tflops(torch.device("cpu"), torch.float32, size=8,
+                                      repeats=4, warmup_s=2.5)
+    assert clock["calls"] == 3 + 4  # warm for 3 s (>= 2.5), then 4 timed
+    assert tflops == pytest.approx(2 * 8 ** 3 / 0.1 / 1e12)
+
+
+def test_gpt_attention_runs_in_fp32_on_a_cpu_under_bf16_autocast(monkeypatch):
+    """Under bf16 autocast the GPT module's SDPA gets fp32 q, k, v on a CPU (torch's bf16
+    CPU attention took twice as long), and its output goes on in bf16; the loss stays
+    within bf16's rounding of the stock SDPA's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from overture.pretrain.text.gpt import CausalLMModule
+
+    torch.manual_seed(0)
+    def config():  # one each: the implementation is set on the config
+        return GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                          bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+
+    stock = GPT2LMHeadModel(config())
+    module = CausalLMModule(GPT2LMHeadModel(config()))
+    module.model.load_state_dict(stock.state_dict())
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, 64, (3, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = module(ids, ids)["lm_loss_sum"]
+        ours.backward()
+        assert seen == [(torch.float32,) * 3] * 2  # both layers, in fp32
+        seen.clear()
+        hidden = stock.transformer(input_ids=ids).last_hidden_state
+        assert seen == [(torch.bfloat16,) * 3] * 2  # the stock SDPA: in bf16
+        logits = stock.lm_head(hidden[:, :-1]).float()
+    theirs = F.cross_entropy(logits.reshape(-1, 64), ids[:, 1:].reshape(-1), reduction="sum")
+    assert ours.item() == pytest.approx(theirs.item(), rel=2e-2)
+    assert module.model.transformer.h[0].attn.c_attn.weight.grad is not None
+    with torch.no_grad():  # in fp32 nothing changes: the stock SDPA on fp32 inputs
+        seen.clear()
+        module(ids, ids)
+        assert seen == [(torch.float32,) * 3] * 2
+
+
 def test_linear_cross_entropy_under_bf16_autocast_stays_close_to_fp32():
     torch.manual_seed(2)
     hidden = torch.randn(40, 16, requires_grad=True)

@@ -17,6 +17,7 @@ from ...dropout import use_cheaper_dropout
 from ...objective import Update
 from .builders import CausalBlocks
 from .common import TextFamily, transformer_flops_per_token
+from .cpu_attention import FP32_ON_CPU
 from .losses import linear_cross_entropy
 
 EOT = "<|endoftext|>"
@@ -112,6 +113,8 @@ class CausalLMModule(nn.Module):
         super().__init__()
         self.model = model
         use_cheaper_dropout(model)  # the residual and embedding dropouts' masks
+        if model.config._attn_implementation == "sdpa":  # fp32 on a CPU under bf16 autocast
+            model.set_attn_implementation(FP32_ON_CPU)
         # DeepSpeed ZeRO-3 gathers a weight only inside its module's own forward: there the
         # head runs as a module, unfused
         from transformers.integrations import is_deepspeed_zero3_enabled
