@@ -218,10 +218,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from overture.peak import run_peak
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        peak, source = run_peak(None, device, recipe.train.mixed_precision)
+        peak, source = run_peak(recipe.train.peak_tflops, device, recipe.train.mixed_precision)
         info[f"{recipe.train.mixed_precision}_peak_tflops"] = peak
-        print(f"both sides in {recipe.train.mixed_precision}; the MFU column is against "
-              f"{peak:.3f} TFLOP/s ({source.split(';')[0]})")
+        against = source if peak is None else f"against {peak:.3f} TFLOP/s ({source.split(';')[0]})"
+        print(f"both sides in {recipe.train.mixed_precision}; the MFU column: {against}")
     print(table(["family, size, vocabulary", "overture", "Trainer", "ratio", "overture MFU",
                  "overture data wait"], rows))
     print(f"recorded in {record('trainer_pretrain', settings, results, info)}")

@@ -231,7 +231,9 @@ def test_gpt_attention_runs_in_fp32_on_a_cpu_under_bf16_autocast(monkeypatch):
     sdpa = F.scaled_dot_product_attention
 
     def spy(q, k, v, *args, **kwargs):
-        seen.append((q.dtype, k.dtype, v.dtype))
+        # the dtypes the kernel gets: autocast would recast inputs it is on for
+        cast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        seen.append(tuple(cast or x.dtype for x in (q, k, v)))
         return sdpa(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)

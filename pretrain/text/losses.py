@@ -67,10 +67,14 @@ def _chunks(hidden, w, b, targets, rows, count_correct, grads, low_precision):
     # each time (a [V, H] bf16 -> fp32 conversion took 14 ms fresh, 1.6 into a buffer)
     span = min(rows, n)
     logits32 = torch.empty(span, vocab, device=device) if low_precision else None
-    low_buf = torch.empty(span, vocab, device=device, dtype=w.dtype) if low_precision else None
-    product = torch.empty(vocab, width, device=device, dtype=w.dtype) \
-        if low_precision and grad_weight is not None else None
-    product32 = torch.empty_like(grad_weight) if product is not None else None
+    low_buf = (torch.empty(span, vocab, device=device, dtype=w.dtype)
+               if low_precision and any(grads) else None)
+    product = (torch.empty(vocab, width, device=device, dtype=w.dtype)
+               if low_precision and grad_weight is not None else None)
+    # on a CPU, adding the bf16 product to fp32 makes a fresh fp32 copy first; a GPU
+    # casts it on the fly
+    product32 = (torch.empty_like(grad_weight)
+                 if product is not None and device.type == "cpu" else None)
     for start in range(0, n, rows):
         h, t = hidden[start:start + rows].to(w.dtype), targets[start:start + rows]
         logits = h @ w.t()  # [n, V], in the products' dtype
@@ -105,7 +109,7 @@ def _chunks(hidden, w, b, targets, rows, count_correct, grads, low_precision):
                 grad_weight.addmm_(low.t(), h)
             else:  # the product in its dtype, accumulated in fp32
                 torch.mm(low.t(), h, out=product)
-                grad_weight += product32.copy_(product)
+                grad_weight += product if product32 is None else product32.copy_(product)
         if grad_bias is not None:
             grad_bias += g.sum(0)
     return loss, correct, (grad_hidden, grad_weight, grad_bias)
