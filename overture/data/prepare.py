@@ -183,9 +183,10 @@ def _build(builder: ExampleBuilder, data: DataConfig, sources, eval_sources, fol
             pa.ipc.new_stream(ftrain, schema) as wtrain, \
             pa.ipc.new_stream(feval, schema) as weval:
         windows = _windows(data, sources, eval_sources, corpus)
-        finish = builder.finish if main_finishes(workers, data) else (lambda tag, batch: batch)
+        in_main = main_finishes(workers, data)
+        finish = builder.finish if in_main else (lambda tag, batch: batch)
         for nbytes, (train_batches, eval_batches, window_counts) in _map_windows(
-                windows, builder, data, workers):
+                windows, builder, data, workers, workers_finish=not in_main):
             counts["windows"] += 1
             counts.update(window_counts)
             for tag, batch in train_batches:
@@ -235,9 +236,11 @@ def main_finishes(workers: int, data: DataConfig) -> bool:
     return workers * data.dupe_factor <= MAIN_FINISHES
 
 
-def _map_windows(windows, builder: ExampleBuilder, data: DataConfig, workers: int):
-    """Yield (bytes, result) for each window in order, using ``workers`` processes."""
-    settings = (data.seed, data.dupe_factor, not main_finishes(workers, data))
+def _map_windows(windows, builder: ExampleBuilder, data: DataConfig, workers: int,
+                 workers_finish: bool):
+    """Yield (bytes, result) for each window in order, using ``workers`` processes, which
+    finish their drafts when ``workers_finish``."""
+    settings = (data.seed, data.dupe_factor, workers_finish)
     if workers == 1:
         _init_worker(builder, settings, threads=None)
         for index, docs, nbytes, fraction in windows:

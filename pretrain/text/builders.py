@@ -3,8 +3,9 @@
 Each builder tokenizes a window of documents once (lines encoded whole, then split into
 sentences by character offsets, so byte-level BPE keeps its leading-space tokens) and
 cuts examples from the sentences: NSP or SOP pairs, packed sentences, or GPT blocks.
-That is the draft, made in a worker; static masks are drawn by ``finish`` in the main
-process (torch is loaded there and never in a worker).
+That is the draft, made in a worker; static masks are drawn by ``finish``, in the main
+process when the workers and copies are few (overture.data.prepare.MAIN_FINISHES: then
+no worker imports torch), else in the workers.
 
 For whole-word and knowledge masking a ``unit_start`` column (1 where a token starts a
 word or a listed phrase) travels with ``input_ids``. While examples are cut, each token is
@@ -151,6 +152,8 @@ class TextBuilder:
         ``input_ids``, ``mlm_positions`` and ``mlm_ids``."""
         if not self.static_masking:
             return batch
+        if "mlm_ids" in batch.schema.names:  # masks drawn twice would corrupt twice
+            raise RuntimeError(f"finish: batch {tag} is finished already")
         tokens = batch.column("input_ids")
         lengths = np.diff(tokens.offsets.to_numpy()).astype(np.int64)
         flat = tokens.values.to_numpy().astype(np.int64)
@@ -245,7 +248,7 @@ class TextBuilder:
                                           schema=pa.schema(fields))
 
     def _mask(self, flat, lengths, unit_starts, tag):
-        # torch only here, in the main process (finish): workers never import it
+        # torch only here (finish): a worker that never finishes never imports it
         import torch
 
         from .masking import IGNORE_INDEX, mask_tokens
