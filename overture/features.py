@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import ConfigError, first_line
 from .hub import load_pretrained, load_tokenizer, resolve_checkpoint
+from .native_encoder import native_forward, native_layers
 
 POOLINGS = ("cls", "mean", "max", "pooler")
 OUTPUT_FORMATS = (".npy", ".safetensors", ".parquet")
@@ -39,6 +40,8 @@ class Encoder:
                               f"({first_line(err)})") from err
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
+        # torch's fused encoder layers where the model is BERT-style (overture/native_encoder.py)
+        self.native = native_layers(self.model)
         if max_length is None:
             limit = self.tokenizer.model_max_length
             limits = [n for n in (positions, limit if limit < 1_000_000 else None) if n]
@@ -100,7 +103,12 @@ class Encoder:
                 if segments is not None:
                     inputs["token_type_ids"] = pad_rows([segments[i] for i in index], 0,
                                                         multiple=1).to(self.device)
-                output = self.model(**inputs, output_hidden_states=hidden_states)
+                if self.native is not None:
+                    output = native_forward(self.model, self.native, **inputs,
+                                            hidden_states=hidden_states,
+                                            pooler=pooling == "pooler")
+                else:
+                    output = self.model(**inputs, output_hidden_states=hidden_states)
                 mask = inputs["attention_mask"]
                 out[index] = pool(output, mask, pooling, layers, self._last).float().cpu().numpy()
                 bar.update(len(index))
