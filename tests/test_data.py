@@ -158,3 +158,30 @@ def test_eval_corpus_is_held_out_whole_from_its_own_file(make_recipe, tmp_path, 
     train_ids = {i for row in data.train[:200]["input_ids"] for i in row}
     assert len(train_ids - held) > 100  # training text is the corpus
     assert data.stats["eval_examples"] == len(data.eval) > 0
+
+
+def test_a_script_without_a_main_guard_gets_an_error_not_a_hang(tmp_path, real_text,
+                                                                  cache_dir):
+    """Preparation's workers are spawned and re-import the user's script; without
+    ``if __name__ == "__main__":`` the script runs again in each worker, which dies. That
+    must end the run with a message saying so (multiprocessing.Pool had replaced the dead
+    workers forever, and the script hung with 2,500 lines of tracebacks)."""
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "slice.txt"
+    corpus.write_text(real_text.read_text(encoding="utf-8")[:300_000], encoding="utf-8")
+    script = tmp_path / "pretrain.py"
+    script.write_text(
+        "from overture.config import load_recipe\n"
+        "from overture.engine import train\n"
+        f"recipe = load_recipe('bert-tiny', ['output_dir={tmp_path / 'run'}',\n"
+        f"    'data.corpus=[{corpus}]', 'data.cache_dir={cache_dir}', 'data.num_proc=2',\n"
+        "    'data.chunk_mb=0.06', 'tokenizer.vocab_size=2048', 'train.max_steps=1'])\n"
+        "train(recipe, progress=False)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("overture.errors.RunError: data preparation: a worker process")
+    assert 'if __name__ == "__main__":' in last and "data.num_proc=1" in last

@@ -21,6 +21,8 @@ import random
 import sys
 from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -29,6 +31,7 @@ import pyarrow as pa
 
 from ..atomic import COMPLETE, fresh_tmp_dir, publish_dir
 from ..config import ConfigError, DataConfig
+from ..errors import RunError
 from .corpus import CorpusStats, corpus_fingerprint, iter_documents, resolve_sources
 
 log = logging.getLogger(__name__)
@@ -246,18 +249,38 @@ def _map_windows(windows, builder: ExampleBuilder, data: DataConfig, workers: in
         for index, docs, nbytes, fraction in windows:
             yield nbytes, _process_window(index, docs, fraction)
         return
-    # spawn, not fork: the parent has torch and tokenizers thread pools running.
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(builder, settings, 1)) as pool:
+    # spawn, not fork: the parent has torch and tokenizers thread pools running. An
+    # executor, not multiprocessing.Pool: a worker that dies breaks it with an error,
+    # where a Pool starts another in its place forever (a script without a __main__
+    # guard re-ran itself in every new worker and hung)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(builder, settings, 1))
+    try:
         pending: deque = deque()
         for index, docs, nbytes, fraction in windows:
-            pending.append((nbytes, pool.apply_async(_process_window, (index, docs, fraction))))
+            pending.append((nbytes, pool.submit(_process_window, index, docs, fraction)))
             if len(pending) >= 2 * workers:  # bound what is in flight
-                nbytes, result = pending.popleft()
-                yield nbytes, result.get()
+                nbytes, future = pending.popleft()
+                yield nbytes, _result(future)
         while pending:
-            nbytes, result = pending.popleft()
-            yield nbytes, result.get()
+            nbytes, future = pending.popleft()
+            yield nbytes, _result(future)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(future):
+    """A window's result, or the one-line reason its worker could not give it."""
+    try:
+        return future.result()
+    except BrokenProcessPool as err:
+        raise RunError(
+            "data preparation: a worker process ended before its window was done. If "
+            "this is a Python script calling overture, put the call under `if __name__ "
+            "== \"__main__\":` (workers are spawned and re-import the script, which "
+            "then runs again in each of them); otherwise the worker was killed, perhaps "
+            "out of memory. data.num_proc=1 prepares in this process, without "
+            "workers") from err
 
 
 _WORKER: dict = {}
