@@ -118,7 +118,7 @@ def record(name: str, settings: dict, results: list[dict], info: dict | None = N
 def engine_run(recipe, steps: int, warmup: int, run_dir: Path) -> dict:
     """Train ``recipe`` with overture's engine for ``warmup + steps`` steps in
     ``run_dir`` (emptied first); from its metrics records after ``warmup``: units per
-    second, mean MFU and the share of time spent waiting for data."""
+    second, mean MFU and TFLOP/s, and the share of time spent waiting for data."""
     import dataclasses
     import shutil
 
@@ -136,7 +136,7 @@ def engine_run(recipe, steps: int, warmup: int, run_dir: Path) -> dict:
     records = [r for r in read_records(run_dir / "metrics.jsonl")[0] if r.get("split") == "train"]
     units = seconds = waited = 0.0
     previous = 0
-    mfu = []
+    mfu, tflops = [], []
     for r in records:
         seen = r[f"{unit}_seen"]
         if r["step"] > warmup:
@@ -144,8 +144,10 @@ def engine_run(recipe, steps: int, warmup: int, run_dir: Path) -> dict:
             units, seconds = units + seen - previous, seconds + span
             waited += r["data_wait_fraction"] * span
             mfu.append(r["mfu"])
+            tflops.append(r["tflops"])
         previous = seen
     return {"per_s": units / seconds, "mfu": sum(mfu) / len(mfu),
+            "tflops": sum(tflops) / len(tflops),
             "data_wait_fraction": waited / seconds}
 
 

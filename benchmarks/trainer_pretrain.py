@@ -197,11 +197,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 ours = spread([r["per_s"] for r in runs["overture"]])
                 theirs = spread([r["tokens_per_s"] for r in runs["trainer"]])
                 mfu = spread([r["mfu"] for r in runs["overture"]])
+                tflops = spread([r["tflops"] for r in runs["overture"]])
                 wait = spread([r["data_wait_fraction"] for r in runs["overture"]])
                 results.append({"family": family, "size": size,
                                 "vocab": len(objective.tokenizer), "overture": ours,
                                 "trainer": theirs, "ratio": ours["median"] / theirs["median"],
-                                "overture_mfu": mfu, "overture_data_wait": wait})
+                                "overture_mfu": mfu, "overture_tflops": tflops,
+                                "overture_data_wait": wait})
                 print(f"{family} {size}: overture {fmt(ours)}, Trainer {fmt(theirs)} tokens/s, "
                       f"{results[-1]['ratio']:.2f}x, MFU {mfu['median']:.1%}", flush=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("family", "size")}

@@ -69,6 +69,39 @@ def test_trainer_pretrain_compares_both_sides(results, real_text):
     assert len(_recorded(results, "trainer_pretrain")["results"]) == 4
 
 
+def test_a_bf16_comparison_prints_the_peak_its_mfu_column_is_against(tmp_path, real_text):
+    """In bf16 the MFU column is against the bf16 matmul peak, not the fp32 one the
+    header gives: the line that says so prints the value the runs used. A process of its
+    own (Accelerate fixes the precision once per process), with the peaks a measurement
+    would have returned."""
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = f"""
+import pathlib, torch
+import benchmarks.common, overture.peak
+from benchmarks import trainer_pretrain
+benchmarks.common.RESULTS = pathlib.Path({str(tmp_path / "results")!r})
+overture.peak.measured_peak = lambda device, dtype=None, remeasure=False: (
+    2.0 if dtype == torch.bfloat16 else 0.5, "measured here")
+trainer_pretrain.main(["--family", "gpt", "--size", "128x2", "--batch", "4", "--seq",
+    "32", "--vocab", "512", "--warmup", "1", "--steps", "2", "--repeats", "1", "--corpus",
+    {str(real_text)!r}, "--set", "train.mixed_precision=bf16"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=root, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "peak 0.500 TFLOP/s (measured here)" in done.stdout  # the header: fp32
+    assert ("both sides in bf16; the MFU column: against 2.000 TFLOP/s (measured here)"
+            in done.stdout)
+    line = _recorded(tmp_path / "results", "trainer_pretrain")
+    assert line["machine"]["bf16_peak_tflops"] == 2.0
+    # the column itself: the engine's mfu is its tflops over the same 2.0
+    [result] = line["results"]
+    assert result["overture_mfu"]["median"] == pytest.approx(
+        result["overture_tflops"]["median"] / 2.0, rel=1e-6)
+
+
 def test_the_trainer_side_of_longformer_gets_the_first_token_global():
     """The stock collator's batch, plus global attention on each row's <s> only."""
     import torch
