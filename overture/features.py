@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import ConfigError, first_line
 from .hub import load_pretrained, load_tokenizer, resolve_checkpoint
-from .native_encoder import native_forward, native_layers
+from .native_encoder import native_forward, native_layers, weights_key
 
 POOLINGS = ("cls", "mean", "max", "pooler")
 OUTPUT_FORMATS = (".npy", ".safetensors", ".parquet")
@@ -40,8 +40,10 @@ class Encoder:
                               f"({first_line(err)})") from err
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device).eval()
-        # torch's fused encoder layers where the model is BERT-style (overture/native_encoder.py)
-        self.native = native_layers(self.model)
+        # torch's fused encoder layers where the model is BERT-style (overture/native_encoder.py);
+        # False: transformers' forward always
+        self.fused = True
+        self._fused: tuple | None = None  # (weights_key, layers)
         if max_length is None:
             limit = self.tokenizer.model_max_length
             limits = [n for n in (positions, limit if limit < 1_000_000 else None) if n]
@@ -49,6 +51,17 @@ class Encoder:
         self.max_length = max_length
         if self.tokenizer.pad_token is None:  # GPT-2 style: padding is masked anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def fused_layers(self):
+        """``native_layers(self.model)`` (None where the model is not BERT-style, or
+        ``fused`` is False), built again whenever the model's weights were replaced, moved,
+        cast or loaded into since (the fused layers copy query, key and value)."""
+        if not self.fused:
+            return None
+        key = weights_key(self.model)
+        if self._fused is None or self._fused[0] != key:
+            self._fused = key, native_layers(self.model)
+        return self._fused[1]
 
     @property
     def _last(self) -> tuple[int, int]:
@@ -92,6 +105,7 @@ class Encoder:
         pad = 0 if pad is None else pad  # padding is masked: any id will do
         # every layer's output only when a layer other than the last is asked for
         hidden_states = any(i not in self._last for i in layers)
+        fused = self.fused_layers()
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 index = order[start:start + batch_size]
@@ -103,8 +117,8 @@ class Encoder:
                 if segments is not None:
                     inputs["token_type_ids"] = pad_rows([segments[i] for i in index], 0,
                                                         multiple=1).to(self.device)
-                if self.native is not None:
-                    output = native_forward(self.model, self.native, **inputs,
+                if fused is not None:
+                    output = native_forward(self.model, fused, **inputs,
                                             hidden_states=hidden_states,
                                             pooler=pooling == "pooler")
                 else:
@@ -139,7 +153,8 @@ def pool(output, mask, pooling: str, layers: list[int], last: tuple[int, ...]):
         return hidden[torch.arange(len(hidden)), first]
     if pooling == "mean":
         return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1)
-    return hidden.masked_fill(keep == 0, float("-inf")).max(1).values
+    top = hidden.masked_fill(keep == 0, float("-inf")).max(1).values
+    return top.masked_fill(keep.sum(1) == 0, 0)  # a text of no tokens: 0, as mean gives
 
 
 # model types that number positions from pad_token_id + 1, as RoBERTa does

@@ -22,6 +22,15 @@ NATIVE_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
 NATIVE_ACTIVATIONS = ("gelu", "relu")
 
 
+def weights_key(model) -> tuple:
+    """What ``native_layers(model)`` was built from: the model and each parameter's
+    storage, version (bumped by in-place writes such as load_state_dict), dtype and
+    device. The fused layers hold a copy of query, key and value, so a changed key means
+    they must be built again."""
+    return id(model), tuple((p.data_ptr(), p._version, p.dtype, p.device)
+                            for p in model.parameters())
+
+
 def native_layers(model):
     """``model``'s encoder layers as ``nn.TransformerEncoderLayer`` modules in eval mode
     (an ``nn.ModuleList``) sharing its weights, or None when ``model`` (a transformers base
@@ -35,7 +44,10 @@ def native_layers(model):
             or getattr(config, "hidden_act", None) not in NATIVE_ACTIVATIONS
             or getattr(config, "is_decoder", False)
             or getattr(config, "add_cross_attention", False)
-            or layers is None or getattr(model, "embeddings", None) is None):
+            or layers is None or getattr(model, "embeddings", None) is None
+            # torch's attention splits the width into equal heads; transformers allows
+            # a remainder when the config has an embedding_size
+            or config.hidden_size % config.num_attention_heads):
         return None
     native = nn.ModuleList()
     for layer in layers:
@@ -72,6 +84,10 @@ def native_forward(model, layers, input_ids, attention_mask, token_type_ids=None
 
     x = model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)  # [B, L, H]
     padding = attention_mask == 0  # [B, L], True where a key is padding
+    # a row without a single token (an empty text, from a tokenizer that adds no special
+    # tokens) attends to its first slot: all keys masked would give NaN, where
+    # transformers gives finite values; pooling ignores the row's slots either way
+    padding[:, 0] &= ~padding.all(dim=1)
     states = [x]
     for layer in layers:
         x = layer(x, src_key_padding_mask=padding)

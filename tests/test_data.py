@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -185,3 +186,102 @@ def test_a_script_without_a_main_guard_gets_an_error_not_a_hang(tmp_path, real_t
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("overture.errors.RunError: data preparation: a worker process")
     assert 'if __name__ == "__main__":' in last and "data.num_proc=1" in last
+
+
+class _SlowBuilder:
+    """An example builder whose windows take ``seconds`` each (spawned workers import
+    it from this module)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def setup(self):
+        pass
+
+    def draft(self, docs, tag, copies):
+        import time
+        from collections import Counter
+
+        time.sleep(self.seconds)
+        return [], Counter()
+
+    def finish(self, tag, batch):
+        return batch
+
+
+def test_a_worker_killed_between_results_stops_preparation_with_one_message():
+    """The worker dies while the main process reads the next window: the pool's next
+    submit() fails, not a result(); both must give the one-line error."""
+    import multiprocessing
+    import os
+    import signal
+    import time
+
+    from overture.config import DataConfig
+    from overture.errors import RunError
+
+    def windows():
+        for i in range(12):
+            if i == 6:  # the two workers are busy and nothing is being waited for
+                os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+                time.sleep(1.0)
+            yield i, [["a b c"]], 10, 0.0
+
+    mapped = prepare_module._map_windows(windows(), _SlowBuilder(0.2), DataConfig(), 2,
+                                         workers_finish=True)
+    with pytest.raises(RunError, match="a worker process ended before its window was "
+                                       "done .* may have been killed"):
+        list(mapped)
+    assert not multiprocessing.active_children()
+
+
+def _ended(pid: int) -> bool:
+    """Whether process ``pid`` is gone (or a zombie no one has reaped yet)."""
+    from pathlib import Path
+
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "\nState:\tZ" in status.read_text()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc"), reason="reads /proc")
+def test_workers_end_when_the_main_process_is_killed(tmp_path):
+    """kill -9 (or SIGTERM, or the out-of-memory killer) on the main process during
+    preparation: its workers must not wait forever on their queues."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "prepare.py"
+    script.write_text(
+        "import multiprocessing, sys, threading, time\n"
+        "from overture.config import DataConfig\n"
+        "from overture.data import prepare\n"
+        "from test_data import _SlowBuilder\n"
+        "if __name__ == '__main__':\n"
+        "    windows = ((i, [['a']], 1, 0.0) for i in range(4))\n"
+        "    mapped = prepare._map_windows(windows, _SlowBuilder(60), DataConfig(), 2,\n"
+        "                                  workers_finish=True)\n"
+        "    threading.Thread(target=lambda: next(mapped), daemon=True).start()\n"
+        "    while len(multiprocessing.active_children()) < 2:\n"
+        "        time.sleep(0.05)\n"
+        "    print(*[p.pid for p in multiprocessing.active_children()], flush=True)\n"
+        "    time.sleep(120)\n")
+    env = {**__import__("os").environ,
+           "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    main = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            text=True, env=env)
+    workers = [int(p) for p in main.stdout.readline().split()]
+    assert len(workers) == 2
+    main.send_signal(signal.SIGKILL)
+    main.wait()
+    deadline = time.monotonic() + 20
+    while not all(_ended(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in workers if not _ended(p)]
+    for pid in left:  # not to leave them behind when the test fails
+        __import__("os").kill(pid, signal.SIGKILL)
+    assert not left

@@ -16,9 +16,11 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import sys
+import threading
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -261,26 +263,31 @@ def _map_windows(windows, builder: ExampleBuilder, data: DataConfig, workers: in
             pending.append((nbytes, pool.submit(_process_window, index, docs, fraction)))
             if len(pending) >= 2 * workers:  # bound what is in flight
                 nbytes, future = pending.popleft()
-                yield nbytes, _result(future)
+                yield nbytes, future.result()
         while pending:
             nbytes, future = pending.popleft()
-            yield nbytes, _result(future)
+            yield nbytes, future.result()
+    except BrokenProcessPool as err:  # from submit() or result(), whichever came first
+        raise RunError(_worker_ended()) from err
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _result(future):
-    """A window's result, or the one-line reason its worker could not give it."""
-    try:
-        return future.result()
-    except BrokenProcessPool as err:
-        raise RunError(
-            "data preparation: a worker process ended before its window was done. If "
-            "this is a Python script calling overture, put the call under `if __name__ "
-            "== \"__main__\":` (workers are spawned and re-import the script, which "
-            "then runs again in each of them); otherwise the worker was killed, perhaps "
-            "out of memory. data.num_proc=1 prepares in this process, without "
-            "workers") from err
+def _worker_ended() -> str:
+    """The one-line reason a preparation worker could not finish its window."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    path = getattr(main, "__file__", None)
+    # a user's script, not the overture command (python -m overture, or bin/overture)
+    script = (path is not None and not (spec and spec.name.split(".")[0] == "overture")
+              and Path(path).name != "overture")
+    guard = ("If this is a Python script calling overture, put the call under `if "
+             "__name__ == \"__main__\":` (workers are spawned and re-import the script, "
+             "which then runs again in each of them). Otherwise the worker " if script
+             else "The worker ")
+    return ("data preparation: a worker process ended before its window was done (an "
+            f"error it raised is printed above). {guard}may have been killed, perhaps "
+            "out of memory. data.num_proc=1 prepares in this process, without workers")
 
 
 _WORKER: dict = {}
@@ -295,8 +302,19 @@ def _init_worker(builder: ExampleBuilder, settings: tuple[int, int, bool],
         os.environ["OMP_NUM_THREADS"] = str(threads)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(threads)
+        # a spawned worker ends with the main process, however that ends (SIGTERM, kill -9,
+        # out of memory): the executor's queues never tell it, and it would wait forever
+        parent = multiprocessing.parent_process()
+        if parent is not None:
+            threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
     builder.setup()
     _WORKER["builder"], _WORKER["settings"] = builder, settings
+
+
+def _exit_with(sentinel) -> None:
+    """Wait for the main process's ``sentinel`` (ready when it has ended), then exit."""
+    multiprocessing.connection.wait([sentinel])
+    os._exit(1)
 
 
 def _process_window(index: int, docs: list[list[str]], eval_fraction: float):
