@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from overture.atomic import COMPLETE, fresh_tmp_dir, publish_dir
+from overture.atomic import COMPLETE, building_dir, publish_dir
 from overture.config import Phase, choice, fraction
 from overture.errors import ConfigError, first_line
 from overture.data.prepare import PreparedData, pad_rows
@@ -225,35 +225,35 @@ class Classify:
         return PreparedData(folder=folder, train=load("train"), eval=load("dev"), stats=stats)
 
     def _build(self, folder: Path, max_len: int) -> None:
-        tmp = fresh_tmp_dir(folder)
-        stats: Counter = Counter()
-        ids: dict[str, list[str]] = {}
-        devs = self.task.dev_splits
-        if not devs:
-            raise ConfigError(f"task {self.task.name!r} has no dev split to evaluate on")
-        parts = {"train": [self.task.split("train")], "dev": list(devs)}
-        parts.update({s.name: [s] for s in self.task.test_splits})
-        for name, splits in parts.items():
-            tables = []
-            for index, split in enumerate(splits):
-                if not split.labelled and not self.source.has(split):
-                    continue  # a test split may be absent (the dev sets are enough)
-                rows = self.source.read(split)
-                tables.append(self._encode(rows, index, max_len, stats, name))
-                ids[split.name] = rows.ids
-                stats[f"{name}_skipped"] += rows.skipped
-            if not tables:
-                continue
-            table = pa.concat_tables(tables)
-            if name in ("train", "dev") and table.num_rows == 0:
-                raise ConfigError(f"task {self.task.name!r}: the {name} split has no rows")
-            _write_arrow(tmp / f"{name}.arrow", table)
-            stats[f"{name}_examples"] = table.num_rows
-        stats["eval_examples"] = stats["dev_examples"]
-        (tmp / "ids.json").write_text(json.dumps(ids))
-        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-        (tmp / COMPLETE).write_text("")
-        publish_dir(tmp, folder, replace=False)
+        with building_dir(folder) as tmp:
+            stats: Counter = Counter()
+            ids: dict[str, list[str]] = {}
+            devs = self.task.dev_splits
+            if not devs:
+                raise ConfigError(f"task {self.task.name!r} has no dev split to evaluate on")
+            parts = {"train": [self.task.split("train")], "dev": list(devs)}
+            parts.update({s.name: [s] for s in self.task.test_splits})
+            for name, splits in parts.items():
+                tables = []
+                for index, split in enumerate(splits):
+                    if not split.labelled and not self.source.has(split):
+                        continue  # a test split may be absent (the dev sets are enough)
+                    rows = self.source.read(split)
+                    tables.append(self._encode(rows, index, max_len, stats, name))
+                    ids[split.name] = rows.ids
+                    stats[f"{name}_skipped"] += rows.skipped
+                if not tables:
+                    continue
+                table = pa.concat_tables(tables)
+                if name in ("train", "dev") and table.num_rows == 0:
+                    raise ConfigError(f"task {self.task.name!r}: the {name} split has no rows")
+                _write_arrow(tmp / f"{name}.arrow", table)
+                stats[f"{name}_examples"] = table.num_rows
+            stats["eval_examples"] = stats["dev_examples"]
+            (tmp / "ids.json").write_text(json.dumps(ids))
+            (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+            (tmp / COMPLETE).write_text("")
+            publish_dir(tmp, folder, replace=False)
         if stats["train_truncated"]:
             log.info("%d of %d training examples were truncated to %d tokens",
                      stats["train_truncated"], stats["train_examples"], max_len)

@@ -52,6 +52,19 @@ def fresh_tmp_dir(dest: Path) -> Path:
 
 
 @contextlib.contextmanager
+def building_dir(dest: Path) -> Iterator[Path]:
+    """``fresh_tmp_dir(dest)`` for the block to fill (and publish), removed if the block
+    raises: an error, Ctrl-C or SIGTERM leaves no half-built folder behind (kill -9
+    still can; a later build by a process of the same pid clears it)."""
+    tmp = fresh_tmp_dir(dest)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; once the block succeeds it is renamed to
     ``path``, otherwise removed."""

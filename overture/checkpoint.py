@@ -15,7 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .atomic import COMPLETE, fresh_tmp_dir, publish_dir
+from .atomic import COMPLETE, building_dir, fresh_tmp_dir, publish_dir
 from .config import ConfigError, Recipe
 from .errors import SaveFailed
 from .hub import quiet_transformers
@@ -264,8 +264,8 @@ def publish_best_as_final(accelerator, recipe: Recipe) -> Path:
     run_dir = Path(recipe.output_dir)
     final = run_dir / "final"
     if accelerator.is_main_process:
-        tmp = fresh_tmp_dir(final)
-        shutil.copytree(run_dir / "best", tmp, dirs_exist_ok=True)
-        publish_dir(tmp, final)
+        with building_dir(final) as tmp:
+            shutil.copytree(run_dir / "best", tmp, dirs_exist_ok=True)
+            publish_dir(tmp, final)
     accelerator.wait_for_everyone()
     return final

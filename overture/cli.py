@@ -5,7 +5,8 @@ RECIPE is a YAML path or a bundled recipe name; KEY=VALUE overrides use dotted p
 (``train.max_steps=50 output_dir=runs/x``). Exit codes: 0 success (also when the run
 was already finished), 1 an unexpected error or a failed save, 2 bad input (the message
 names the key, file or path), 3 a non-finite loss stopped the run, 130 / 143 stopped by
-SIGINT / SIGTERM after saving a checkpoint (the same command continues).
+SIGINT / SIGTERM (after saving a checkpoint when training had started; the same command
+continues).
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from .config import ConfigError, bundled_recipes, load_recipe, parse_overrides
 from .registry import family_name
 from .errors import Interrupted, RunError, one_line
+from .interrupts import Terminated, interrupts_raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     from .launch import run_main
 
     return run_main(_main, argv)  # a multi-process run ends cleanly (overture.launch)
+
+
+def _interrupted(message: str) -> None:
+    """Print an interruption's one line after ending the progress bars it left open: a
+    signal can land anywhere, even inside a bar's first drawing, which nothing then
+    ends, so the line also starts with a line break of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(f"\n{message}", file=sys.stderr)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -47,7 +61,8 @@ def _main(argv: list[str] | None) -> int:
     for noisy in ("datasets", "transformers", "accelerate", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return args.func(args)
+        with interrupts_raise():  # SIGTERM outside the training loop, as Ctrl-C
+            return args.func(args)
     except ConfigError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
@@ -63,8 +78,12 @@ def _main(argv: list[str] | None) -> int:
     except OSError as err:  # a file the checks above did not foresee: still one line
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
+    except Terminated:
+        _interrupted("stopped by SIGTERM (nothing half-written was kept; run the same "
+                     "command again)")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # before training started: nothing to save
-        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        _interrupted("interrupted before training started; nothing was saved")
         return 130
 
 

@@ -58,6 +58,16 @@ def test_missing_file_and_empty_glob_are_clear_errors(tmp_path):
         resolve_sources([str(tmp_path / "*.txt")], tmp_path)
 
 
+def test_a_build_that_fails_leaves_no_half_built_cache(make_recipe, tmp_path, real_text):
+    corpus = tmp_path / "slice.txt"
+    corpus.write_text(real_text.read_text(encoding="utf-8")[:50_000], encoding="utf-8")
+    recipe = make_recipe("unused", f"data.corpus=[{corpus}]", "data.eval_fraction=1",
+                         f"data.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(ConfigError, match="holds them all out"):  # found once built
+        prepare(recipe, progress=False)
+    assert not list((tmp_path / "cache").rglob("*.tmp-*"))
+
+
 def test_empty_corpus_is_a_clear_error(make_recipe, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n   \n\n")

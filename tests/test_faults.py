@@ -8,6 +8,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,56 @@ def test_ctrl_c_on_the_command_line_exits_130_without_a_traceback(tmp_path, cach
     saved = latest_checkpoint(run)
     state = json.loads((saved / "train_state.json").read_text())
     assert state["step"] >= 3 and not state["finished"]
+
+
+def test_sigterm_while_preparing_data_ends_in_one_line_and_leaves_no_half_cache(
+        tmp_path, real_text):
+    """`overture prepare` (no training loop to save from): SIGTERM ends it with exit 143,
+    one line, no half-built cache folder and no workers left (it had ended silently,
+    leaving cache/examples/KEY.tmp-PID)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(real_text.read_text(encoding="utf-8") * 8, encoding="utf-8")
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "overture", "prepare", "bert-tiny",
+               f"data.corpus=[{corpus}]", f"data.cache_dir={cache}", "data.num_proc=2",
+               "data.chunk_mb=0.25", "tokenizer.vocab_size=1024", "tokenizer.train_max_mb=1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = b""
+    # the examples' progress bar ("prepare:   0%|"): workers are busy (the log line
+    # "overture.data.prepare: prepared ..." would come after the build)
+    while not re.search(rb"prepare:\s+\d+%", seen):
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, seen.decode(errors="replace")[-2000:]
+        seen += chunk
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    err = (seen + err).decode(errors="replace")
+    assert process.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last == "stopped by SIGTERM (nothing half-written was kept; run the same command " \
+                   "again)"
+    examples = cache / "examples"
+    assert examples.is_dir() and not list(examples.iterdir())  # nothing whole, nothing half
+    assert not list(cache.rglob("*.tmp-*"))
+
+
+def test_a_signal_inside_a_deferred_block_takes_effect_when_it_ends():
+    """Spawning a worker is not cut in two: SIGTERM inside ``interruptions_deferred`` is
+    raised once the block is done, and the handlers are given back after."""
+    from overture.interrupts import Terminated, interruptions_deferred, interrupts_raise
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("SIGTERM already has a handler in this process")
+    finished = []
+    with pytest.raises(Terminated), interrupts_raise():
+        with interruptions_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler has run by now, and was told to wait
+            finished.append(True)
+        finished.append(False)  # never reached: raised as the block ended
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def _kill_during_save(step: int) -> str:

@@ -31,9 +31,10 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from ..atomic import COMPLETE, fresh_tmp_dir, publish_dir
+from ..atomic import COMPLETE, building_dir, publish_dir
 from ..config import ConfigError, DataConfig
 from ..errors import RunError
+from ..interrupts import interruptions_deferred
 from .corpus import CorpusStats, corpus_fingerprint, iter_documents, resolve_sources
 
 log = logging.getLogger(__name__)
@@ -176,49 +177,49 @@ def _build(builder: ExampleBuilder, data: DataConfig, sources, eval_sources, fol
     workers = data.num_proc or os.cpu_count() or 1
     if total is not None:  # no point spawning more workers than windows
         workers = max(1, min(workers, -(-total // int(data.chunk_mb * 2**20))))
-    tmp = fresh_tmp_dir(folder)
-    corpus = CorpusStats()
-    counts: Counter = Counter()
-    schema = builder.schema()
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-               desc="prepare", disable=not progress, dynamic_ncols=True)
-    # the bar is closed before any error is printed (the error stays the last line)
-    with bar, pa.OSFile(str(tmp / "train.arrow"), "wb") as ftrain, \
-            pa.OSFile(str(tmp / "eval.arrow"), "wb") as feval, \
-            pa.ipc.new_stream(ftrain, schema) as wtrain, \
-            pa.ipc.new_stream(feval, schema) as weval:
-        windows = _windows(data, sources, eval_sources, corpus)
-        in_main = main_finishes(workers, data)
-        finish = builder.finish if in_main else (lambda tag, batch: batch)
-        for nbytes, (train_batches, eval_batches, window_counts) in _map_windows(
-                windows, builder, data, workers, workers_finish=not in_main):
-            counts["windows"] += 1
-            counts.update(window_counts)
-            for tag, batch in train_batches:
-                wtrain.write_batch(finish(tag, batch))
-                counts["train_examples"] += batch.num_rows
-            for tag, batch in eval_batches:
-                room = data.eval_max_examples - counts["eval_examples"]
-                if room > 0 and batch.num_rows:
-                    weval.write_batch(finish(tag, batch).slice(0, room))
-                    counts["eval_examples"] += min(room, batch.num_rows)
-            bar.update(nbytes)
-    if corpus.documents == 0:
-        raise ConfigError(f"data.corpus {data.corpus}: the corpus is empty (documents: 0, "
-                          f"empty lines skipped: {corpus.empty_lines_skipped})")
-    if counts["train_examples"] == 0:
-        raise ConfigError(f"data.corpus {data.corpus}: no training example could be cut "
-                          f"from {corpus.documents} documents" + (
-                              f" (data.eval_fraction={data.eval_fraction} holds them all out)"
-                              if data.eval_fraction >= 1 and not eval_sources else ""))
-    if eval_sources and counts["eval_examples"] == 0:
-        raise ConfigError(f"data.eval_corpus {data.eval_corpus}: no evaluation example "
-                          "could be cut from it")
-    # eval_examples is there when 0 too (data.eval_fraction=0): the readers expect it
-    stats = {"corpus": asdict(corpus), "eval_examples": 0, **counts, "workers": workers}
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-    (tmp / COMPLETE).write_text("")
-    publish_dir(tmp, folder, replace=False)  # the cache is either whole or absent
+    with building_dir(folder) as tmp:
+        corpus = CorpusStats()
+        counts: Counter = Counter()
+        schema = builder.schema()
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc="prepare", disable=not progress, dynamic_ncols=True)
+        # the bar is closed before any error is printed (the error stays the last line)
+        with bar, pa.OSFile(str(tmp / "train.arrow"), "wb") as ftrain, \
+                pa.OSFile(str(tmp / "eval.arrow"), "wb") as feval, \
+                pa.ipc.new_stream(ftrain, schema) as wtrain, \
+                pa.ipc.new_stream(feval, schema) as weval:
+            windows = _windows(data, sources, eval_sources, corpus)
+            in_main = main_finishes(workers, data)
+            finish = builder.finish if in_main else (lambda tag, batch: batch)
+            for nbytes, (train_batches, eval_batches, window_counts) in _map_windows(
+                    windows, builder, data, workers, workers_finish=not in_main):
+                counts["windows"] += 1
+                counts.update(window_counts)
+                for tag, batch in train_batches:
+                    wtrain.write_batch(finish(tag, batch))
+                    counts["train_examples"] += batch.num_rows
+                for tag, batch in eval_batches:
+                    room = data.eval_max_examples - counts["eval_examples"]
+                    if room > 0 and batch.num_rows:
+                        weval.write_batch(finish(tag, batch).slice(0, room))
+                        counts["eval_examples"] += min(room, batch.num_rows)
+                bar.update(nbytes)
+        if corpus.documents == 0:
+            raise ConfigError(f"data.corpus {data.corpus}: the corpus is empty (documents: 0, "
+                              f"empty lines skipped: {corpus.empty_lines_skipped})")
+        if counts["train_examples"] == 0:
+            raise ConfigError(f"data.corpus {data.corpus}: no training example could be cut "
+                              f"from {corpus.documents} documents" + (
+                                  f" (data.eval_fraction={data.eval_fraction} holds them all out)"
+                                  if data.eval_fraction >= 1 and not eval_sources else ""))
+        if eval_sources and counts["eval_examples"] == 0:
+            raise ConfigError(f"data.eval_corpus {data.eval_corpus}: no evaluation example "
+                              "could be cut from it")
+        # eval_examples is there when 0 too (data.eval_fraction=0): the readers expect it
+        stats = {"corpus": asdict(corpus), "eval_examples": 0, **counts, "workers": workers}
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+        (tmp / COMPLETE).write_text("")
+        publish_dir(tmp, folder, replace=False)  # the cache is either whole or absent
     log.info("prepared %d train / %d eval examples from %d documents (%.1f MB); skipped %d "
              "empty lines, %d empty documents; replaced %d invalid UTF-8 sequences",
              counts["train_examples"], counts["eval_examples"], corpus.documents,
@@ -260,7 +261,9 @@ def _map_windows(windows, builder: ExampleBuilder, data: DataConfig, workers: in
     try:
         pending: deque = deque()
         for index, docs, nbytes, fraction in windows:
-            pending.append((nbytes, pool.submit(_process_window, index, docs, fraction)))
+            with interruptions_deferred():  # submit() may spawn a worker: not cut short
+                future = pool.submit(_process_window, index, docs, fraction)
+            pending.append((nbytes, future))
             if len(pending) >= 2 * workers:  # bound what is in flight
                 nbytes, future = pending.popleft()
                 yield nbytes, future.result()

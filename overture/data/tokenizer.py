@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..atomic import COMPLETE, fresh_tmp_dir, publish_dir
+from ..atomic import COMPLETE, building_dir, publish_dir
 from ..config import ConfigError, DataConfig, TokenizerConfig
 from .corpus import CorpusStats, Source, corpus_fingerprint, iter_documents
 
@@ -128,11 +128,11 @@ def _train(cfg: TokenizerConfig, kind: str, lowercase: bool, spec: TokenizerSpec
     tok_class = getattr(transformers, spec.transformers_class if kind == spec.kind
                         else "PreTrainedTokenizerFast")
     tok = tok_class(tokenizer_object=backend, **spec.special_tokens)
-    tmp = fresh_tmp_dir(folder)
-    tok.save_pretrained(tmp)
-    (tmp / COMPLETE).write_text(json.dumps({"trained_on_bytes": stats.bytes,
-                                            "vocab_size": len(tok), "kind": kind}))
-    publish_dir(tmp, folder, replace=False)  # a concurrent trainer's result is as good
+    with building_dir(folder) as tmp:
+        tok.save_pretrained(tmp)
+        (tmp / COMPLETE).write_text(json.dumps({"trained_on_bytes": stats.bytes,
+                                                "vocab_size": len(tok), "kind": kind}))
+        publish_dir(tmp, folder, replace=False)  # a concurrent trainer's result is as good
     log.info("trained %s vocabulary of %d on %.1f MB -> %s", kind, len(tok),
              stats.bytes / 2**20, folder)
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from overture.atomic import COMPLETE, fresh_tmp_dir, publish_dir
+from overture.atomic import COMPLETE, building_dir, publish_dir
 from overture.config import (DEFAULT_CACHE, ConfigError, cache_folder, check_seed, fraction,
                              positive)
 from overture.data.prepare import PreparedData
@@ -384,20 +384,20 @@ def _build(cfg: ImageDataConfig, folder: Path, progress: bool) -> None:
     # small sets are stored decoded: no decoding in the loader at all
     pixels = sum(h * w * 3 for h, w in train_sizes) + sum(h * w * 3 for h, w in eval_sizes)
     decoded = pixels <= cfg.cache_mb * 2**20
-    tmp = fresh_tmp_dir(folder)
-    _write(tmp / "train.arrow", train, train_rows, train_sizes if decoded else None)
-    _write(tmp / "eval.arrow", evaluation, eval_rows, eval_sizes if decoded else None)
-    stats["decoded"] = int(decoded)
-    labels = train.labels
-    stats.update({"train_examples": len(train_rows), "eval_examples": len(eval_rows),
-                  "classes": len(train.classes),
-                  "unlabelled": sum(1 for y in labels if y < 0)})
-    for y in labels:
-        stats[f"train_label_{y}"] += 1
-    (tmp / "stats.json").write_text(json.dumps({**stats, "class_names": train.classes},
-                                               indent=2))
-    (tmp / COMPLETE).write_text("")
-    publish_dir(tmp, folder, replace=False)
+    with building_dir(folder) as tmp:
+        _write(tmp / "train.arrow", train, train_rows, train_sizes if decoded else None)
+        _write(tmp / "eval.arrow", evaluation, eval_rows, eval_sizes if decoded else None)
+        stats["decoded"] = int(decoded)
+        labels = train.labels
+        stats.update({"train_examples": len(train_rows), "eval_examples": len(eval_rows),
+                      "classes": len(train.classes),
+                      "unlabelled": sum(1 for y in labels if y < 0)})
+        for y in labels:
+            stats[f"train_label_{y}"] += 1
+        (tmp / "stats.json").write_text(json.dumps({**stats, "class_names": train.classes},
+                                                   indent=2))
+        (tmp / COMPLETE).write_text("")
+        publish_dir(tmp, folder, replace=False)
 
 
 def _merge(parts: list[Images]) -> Images:
