@@ -5,8 +5,8 @@ RECIPE is a YAML path or a bundled recipe name; KEY=VALUE overrides use dotted p
 (``train.max_steps=50 output_dir=runs/x``). Exit codes: 0 success (also when the run
 was already finished), 1 an unexpected error or a failed save, 2 bad input (the message
 names the key, file or path), 3 a non-finite loss stopped the run, 130 / 143 stopped by
-SIGINT / SIGTERM (after saving a checkpoint when training had started; the same command
-continues).
+SIGINT / SIGTERM (after saving a checkpoint once training has started; the same command
+continues; SIGTERM before that stops at once, or with one line while examples are built).
 """
 
 from __future__ import annotations
@@ -32,14 +32,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(message: str) -> None:
-    """Print an interruption's one line after ending the progress bars it left open: a
-    signal can land anywhere, even inside a bar's first drawing, which nothing then
-    ends, so the line also starts with a line break of its own."""
+    """Print an interruption's one line after ending the progress bars it left open."""
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
-    print(f"\n{message}", file=sys.stderr)
+    print(message, file=sys.stderr)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -61,7 +59,7 @@ def _main(argv: list[str] | None) -> int:
     for noisy in ("datasets", "transformers", "accelerate", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        with interrupts_raise():  # SIGTERM outside the training loop, as Ctrl-C
+        with interrupts_raise(signal.SIGINT):  # KeyboardInterrupt, deferred where asked
             return args.func(args)
     except ConfigError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)

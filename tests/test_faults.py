@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -129,12 +130,13 @@ def test_sigterm_while_preparing_data_ends_in_one_line_and_leaves_no_half_cache(
                "data.chunk_mb=0.25", "tokenizer.vocab_size=1024", "tokenizer.train_max_mb=1"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seen = b""
-    # the examples' progress bar ("prepare:   0%|"): workers are busy (the log line
-    # "overture.data.prepare: prepared ..." would come after the build)
-    while not re.search(rb"prepare:\s+\d+%", seen):
+    # the examples' progress bar past 0% ("prepare:   3%|"): windows are coming back from
+    # busy workers (the log line "overture.data.prepare: prepared ..." comes after)
+    while not re.search(rb"prepare:\s+[1-9]\d*%", seen):
         chunk = os.read(process.stderr.fileno(), 4096)
         assert chunk, seen.decode(errors="replace")[-2000:]
         seen += chunk
+    workers = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     err = (seen + err).decode(errors="replace")
@@ -146,6 +148,9 @@ def test_sigterm_while_preparing_data_ends_in_one_line_and_leaves_no_half_cache(
     examples = cache / "examples"
     assert examples.is_dir() and not list(examples.iterdir())  # nothing whole, nothing half
     assert not list(cache.rglob("*.tmp-*"))
+    assert workers  # the two workers (and multiprocessing's resource tracker)
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_a_signal_inside_a_deferred_block_takes_effect_when_it_ends():
@@ -156,7 +161,7 @@ def test_a_signal_inside_a_deferred_block_takes_effect_when_it_ends():
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         pytest.skip("SIGTERM already has a handler in this process")
     finished = []
-    with pytest.raises(Terminated), interrupts_raise():
+    with pytest.raises(Terminated), interrupts_raise(signal.SIGTERM):
         with interruptions_deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.2)  # the handler has run by now, and was told to wait

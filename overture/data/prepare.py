@@ -19,6 +19,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import signal
 import sys
 import threading
 from collections import Counter, deque
@@ -34,7 +35,7 @@ import pyarrow as pa
 from ..atomic import COMPLETE, building_dir, publish_dir
 from ..config import ConfigError, DataConfig
 from ..errors import RunError
-from ..interrupts import interruptions_deferred
+from ..interrupts import interrupts_raise, interruptions_deferred
 from .corpus import CorpusStats, corpus_fingerprint, iter_documents, resolve_sources
 
 log = logging.getLogger(__name__)
@@ -183,8 +184,10 @@ def _build(builder: ExampleBuilder, data: DataConfig, sources, eval_sources, fol
         schema = builder.schema()
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
                    desc="prepare", disable=not progress, dynamic_ncols=True)
-        # the bar is closed before any error is printed (the error stays the last line)
-        with bar, pa.OSFile(str(tmp / "train.arrow"), "wb") as ftrain, \
+        # the bar is closed before any error is printed (the error stays the last line);
+        # SIGTERM stops the build with an exception, so that the folder is removed
+        with interrupts_raise(signal.SIGTERM), bar, \
+                pa.OSFile(str(tmp / "train.arrow"), "wb") as ftrain, \
                 pa.OSFile(str(tmp / "eval.arrow"), "wb") as feval, \
                 pa.ipc.new_stream(ftrain, schema) as wtrain, \
                 pa.ipc.new_stream(feval, schema) as weval:
