@@ -76,13 +76,11 @@ def _main(argv: list[str] | None) -> int:
     except OSError as err:  # a file the checks above did not foresee: still one line
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
-    except Terminated:
-        _interrupted("stopped by SIGTERM (nothing half-written was kept; run the same "
-                     "command again)")
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:  # before training started: nothing to save
-        _interrupted("interrupted before training started; nothing was saved")
-        return 130
+    except KeyboardInterrupt as err:  # outside the training loop: nothing to save
+        signum = signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+        _interrupted(f"stopped by {signum.name} (nothing half-written was kept; run the "
+                     "same command again)")
+        return 128 + signum
 
 
 def _negative_values_attached(argv: list[str]) -> list[str]:

@@ -1,13 +1,13 @@
 """Ctrl-C and SIGTERM outside the training loop (which has its own handlers: it finishes
 the step and saves a checkpoint, overture/stopping.py).
 
-Ctrl-C stops a command by an exception raised where the main thread is, as in any
-Python program; so does SIGTERM while the examples are built (``overture prepare``), where
-it used to end the process at once. What was being built is removed on the way out
-(``building_dir``) and the command ends with one line. A few steps must not be cut in two, such as spawning a
-worker process (cut short, the worker read half its start-up data and printed a traceback
-after the command's last line): a signal that arrives inside ``interruptions_deferred``
-takes effect when the block ends.
+Ctrl-C stops a command by an exception raised where the main thread is, as in any Python
+program; so does SIGTERM while the examples are built (``overture prepare``), where it
+used to end the process at once. What was being built is removed on the way out
+(``building_dir``) and the command ends with one line. A few steps must not be cut in
+two, such as spawning a worker process (cut short, the worker read half its start-up
+data and printed a traceback after the command's last line): a signal that arrives
+inside ``interruptions_deferred`` takes effect when the block ends.
 """
 
 from __future__ import annotations

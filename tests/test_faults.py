@@ -117,11 +117,12 @@ def test_ctrl_c_on_the_command_line_exits_130_without_a_traceback(tmp_path, cach
     assert state["step"] >= 3 and not state["finished"]
 
 
-def test_sigterm_while_preparing_data_ends_in_one_line_and_leaves_no_half_cache(
-        tmp_path, real_text):
-    """`overture prepare` (no training loop to save from): SIGTERM ends it with exit 143,
-    one line, no half-built cache folder and no workers left (it had ended silently,
-    leaving cache/examples/KEY.tmp-PID)."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_preparing_data_ends_in_one_line_and_leaves_no_half_cache(
+        tmp_path, real_text, signum):
+    """`overture prepare` (no training loop to save from): SIGTERM or Ctrl-C ends it with
+    exit 143 / 130, one line, no half-built cache folder and no workers left (SIGTERM had
+    ended it silently, leaving cache/examples/KEY.tmp-PID)."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(real_text.read_text(encoding="utf-8") * 8, encoding="utf-8")
     cache = tmp_path / "cache"
@@ -137,20 +138,47 @@ def test_sigterm_while_preparing_data_ends_in_one_line_and_leaves_no_half_cache(
         assert chunk, seen.decode(errors="replace")[-2000:]
         seen += chunk
     workers = psutil.Process(process.pid).children(recursive=True)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=120)
     err = (seen + err).decode(errors="replace")
-    assert process.returncode == 143, err[-2000:]
+    assert process.returncode == 128 + signum, err[-2000:]
     assert "Traceback" not in err
     last = err.replace("\r", "\n").strip().splitlines()[-1]
-    assert last == "stopped by SIGTERM (nothing half-written was kept; run the same command " \
-                   "again)"
+    assert last == (f"stopped by {signal.Signals(signum).name} (nothing half-written was "
+                    "kept; run the same command again)")
     examples = cache / "examples"
     assert examples.is_dir() and not list(examples.iterdir())  # nothing whole, nothing half
     assert not list(cache.rglob("*.tmp-*"))
     assert workers  # the two workers (and multiprocessing's resource tracker)
     _, alive = psutil.wait_procs(workers, timeout=20)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_ctrl_c_during_features_ends_with_its_line_after_the_progress_bar(tmp_path,
+                                                                           trained):
+    """The bar of `overture features` is drawn outside any `with`: the interruption's
+    line is printed after it is ended, not glued to it or redrawn over it."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"Sentence number {i} of a long input.\n"
+                             for i in range(200_000)))
+    output = tmp_path / "features.npy"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "overture", "features", "--checkpoint", str(trained("bert")),
+         "--input", str(texts), "--output", str(output)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = b""
+    while not re.search(rb"[1-9]\d*/200000 \[", seen):  # the bar has moved
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, seen.decode(errors="replace")[-2000:]
+        seen += chunk
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    err = (seen + err).decode(errors="replace")
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.replace("\r", "\n").strip().splitlines()[-1] == (
+        "stopped by SIGINT (nothing half-written was kept; run the same command again)")
+    assert not output.exists() and not list(tmp_path.glob("*.tmp*"))
 
 
 def test_a_signal_inside_a_deferred_block_takes_effect_when_it_ends():

@@ -182,11 +182,11 @@ def _build(builder: ExampleBuilder, data: DataConfig, sources, eval_sources, fol
         corpus = CorpusStats()
         counts: Counter = Counter()
         schema = builder.schema()
-        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc="prepare", disable=not progress, dynamic_ncols=True)
         # the bar is closed before any error is printed (the error stays the last line);
         # SIGTERM stops the build with an exception, so that the folder is removed
-        with interrupts_raise(signal.SIGTERM), bar, \
+        with interrupts_raise(signal.SIGTERM), \
+                tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                     desc="prepare", disable=not progress, dynamic_ncols=True) as bar, \
                 pa.OSFile(str(tmp / "train.arrow"), "wb") as ftrain, \
                 pa.OSFile(str(tmp / "eval.arrow"), "wb") as feval, \
                 pa.ipc.new_stream(ftrain, schema) as wtrain, \
