@@ -831,6 +831,36 @@ def test_checking_images_in_worker_processes_gives_the_same_index(tmp_path, cach
         "eval_unreadable_skipped", 0) == 1
 
 
+
+def _check_and_die(item):
+    """An image check whose worker is killed (forked workers find it in this module)."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_image_check_worker_stops_preparation_with_one_message(tmp_path, cache_dir,
+                                                                        monkeypatch):
+    """A worker checking images that dies (killed, out of memory) ends preparation with one
+    line naming the cause and data.num_proc=1, where it had been a BrokenProcessPool
+    traceback; no cache folder, whole or half, is left."""
+    import multiprocessing
+
+    from overture.errors import RunError
+    from overture.pretrain.image import data as image_data
+
+    root = _image_folder(tmp_path / "pool", ["a", "b"], 4)
+    monkeypatch.setattr(image_data, "POOL_MIN_IMAGES", 0)
+    monkeypatch.setattr(image_data, "_check", _check_and_die)
+    cache = tmp_path / "cache"
+    with pytest.raises(RunError, match=r"^data preparation: a worker process ended before "
+                                       r"its images were checked.*data\.num_proc=1"):
+        prepare_images(ImageDataConfig(source=[str(root)], num_proc=2, cache_dir=str(cache)),
+                       labelled=True, progress=False)
+    assert not multiprocessing.active_children()
+    assert not list((cache / "images").glob("*"))
+
 def test_gradient_accumulation_with_simclr_is_warned_about(tmp_path, cache_dir, caplog,
                                                            offline):
     from overture.engine import train

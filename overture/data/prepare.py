@@ -15,17 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
 import random
 import signal
 import sys
-import threading
 from collections import Counter, deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -34,8 +29,8 @@ import pyarrow as pa
 
 from ..atomic import COMPLETE, building_dir, publish_dir
 from ..config import ConfigError, DataConfig
-from ..errors import RunError
 from ..interrupts import interrupts_raise, interruptions_deferred
+from ..workers import worker_pool
 from .corpus import CorpusStats, corpus_fingerprint, iter_documents, resolve_sources
 
 log = logging.getLogger(__name__)
@@ -255,13 +250,9 @@ def _map_windows(windows, builder: ExampleBuilder, data: DataConfig, workers: in
         for index, docs, nbytes, fraction in windows:
             yield nbytes, _process_window(index, docs, fraction)
         return
-    # spawn, not fork: the parent has torch and tokenizers thread pools running. An
-    # executor, not multiprocessing.Pool: a worker that dies breaks it with an error,
-    # where a Pool starts another in its place forever (a script without a __main__
-    # guard re-ran itself in every new worker and hung)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(builder, settings, 1))
-    try:
+    # spawn, not fork: the parent has torch and tokenizers thread pools running
+    with worker_pool(workers, _worker_ended, start="spawn", initializer=_init_worker,
+                     initargs=(builder, settings, 1)) as pool:
         pending: deque = deque()
         for index, docs, nbytes, fraction in windows:
             with interruptions_deferred():  # submit() may spawn a worker: not cut short
@@ -273,10 +264,6 @@ def _map_windows(windows, builder: ExampleBuilder, data: DataConfig, workers: in
         while pending:
             nbytes, future = pending.popleft()
             yield nbytes, future.result()
-    except BrokenProcessPool as err:  # from submit() or result(), whichever came first
-        raise RunError(_worker_ended()) from err
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _worker_ended() -> str:
@@ -308,19 +295,8 @@ def _init_worker(builder: ExampleBuilder, settings: tuple[int, int, bool],
         os.environ["OMP_NUM_THREADS"] = str(threads)
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(threads)
-        # a spawned worker ends with the main process, however that ends (SIGTERM, kill -9,
-        # out of memory): the executor's queues never tell it, and it would wait forever
-        parent = multiprocessing.parent_process()
-        if parent is not None:
-            threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
     builder.setup()
     _WORKER["builder"], _WORKER["settings"] = builder, settings
-
-
-def _exit_with(sentinel) -> None:
-    """Wait for the main process's ``sentinel`` (ready when it has ended), then exit."""
-    multiprocessing.connection.wait([sentinel])
-    os._exit(1)
 
 
 def _process_window(index: int, docs: list[list[str]], eval_fraction: float):

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from overture.atomic import COMPLETE, building_dir, publish_dir
 from overture.config import (DEFAULT_CACHE, ConfigError, cache_folder, check_seed, fraction,
                              positive)
 from overture.data.prepare import PreparedData
+from overture.workers import worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +428,8 @@ def _drop_unreadable(images: Images, rows: np.ndarray, cfg: ImageDataConfig, sta
     workers = cfg.num_proc or os.cpu_count() or 1
     chunks = max(1, len(items) // (workers * 8))
     if workers > 1 and len(items) >= POOL_MIN_IMAGES:
-        with ProcessPoolExecutor(workers) as pool:
+        # fork: only PIL runs in the workers, and they start at once
+        with worker_pool(workers, _check_worker_ended, start="fork") as pool:
             reasons = list(tqdm(pool.map(_check, items, chunksize=chunks), total=len(items),
                                 desc=f"check {split} images", disable=not progress))
     else:
@@ -447,6 +448,13 @@ def _drop_unreadable(images: Images, rows: np.ndarray, cfg: ImageDataConfig, sta
         stats[f"{split}_unreadable_skipped"] += 1
     sizes = [(reasons[i][1], reasons[i][2]) for i in keep]
     return _subset(images, keep), sizes, rows[keep]
+
+
+
+def _check_worker_ended() -> str:
+    return ("data preparation: a worker process ended before its images were checked; it "
+            "may have been killed, perhaps out of memory. data.num_proc=1 checks them in "
+            "this process, without workers")
 
 
 def _write(path: Path, images: Images, rows: np.ndarray,
