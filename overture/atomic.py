@@ -8,8 +8,10 @@ reader would take it for a whole one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,19 +45,45 @@ def publish_dir(tmp: Path, dest: Path, replace: bool = True) -> bool:
     return True
 
 
+def tmp_dir_path(dest: Path) -> Path:
+    """The working folder of this process for ``dest``: ``DEST.tmp-HOST-PID`` beside it
+    (the host too: a cache folder may be shared by the machines of a cluster)."""
+    dest = Path(dest)
+    return dest.with_name(f"{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
 def fresh_tmp_dir(dest: Path) -> Path:
-    """An empty working folder beside ``dest``, private to this process."""
-    tmp = Path(dest).with_name(Path(dest).name + f".tmp-{os.getpid()}")
+    """An empty working folder beside ``dest``, private to this process. The working
+    folders for ``dest`` that ended processes of this host left (``kill -9``, out of
+    memory: nothing could remove them) are removed first."""
+    tmp = tmp_dir_path(dest)
+    prefix = tmp.name[:-len(str(os.getpid()))]
+    if tmp.parent.is_dir():
+        for child in tmp.parent.glob(glob.escape(prefix) + "*"):
+            pid = child.name[len(prefix):]
+            if pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(child, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
 
 
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def building_dir(dest: Path) -> Iterator[Path]:
     """``fresh_tmp_dir(dest)`` for the block to fill (and publish), removed if the block
-    raises: an error, Ctrl-C or SIGTERM leaves no half-built folder behind (kill -9
-    still can; a later build by a process of the same pid clears it)."""
+    raises: an error, Ctrl-C or SIGTERM leaves no half-built folder behind (``kill -9``
+    still can; the next build of ``dest`` on this host removes it)."""
     tmp = fresh_tmp_dir(dest)
     try:
         yield tmp

@@ -238,6 +238,31 @@ def test_sigkill_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(
     assert got[12] == pytest.approx(expected[12], abs=1e-5)
 
 
+
+def test_a_build_left_by_a_killed_process_is_removed_by_the_next_build_on_its_host(tmp_path):
+    """kill -9 during a cache build leaves its working folder (nothing can remove it then);
+    the next build of that cache on the same host removes it, and only it: a running
+    process's folder, another host's (a shared cache) and another cache's stay."""
+    import socket
+
+    from overture.atomic import building_dir, tmp_dir_path
+
+    dest = tmp_path / "examples" / "KEY"
+    dest.parent.mkdir()
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    host = socket.gethostname()
+    dead = dest.with_name(f"KEY.tmp-{host}-{ended.pid}")
+    alive = dest.with_name(f"KEY.tmp-{host}-{os.getppid()}")
+    elsewhere = dest.with_name(f"KEY.tmp-{host}x-{ended.pid}")
+    other_key = dest.with_name(f"KEY2.tmp-{host}-{ended.pid}")
+    for folder in (dead, alive, elsewhere, other_key):
+        (folder / "part").mkdir(parents=True)
+    with building_dir(dest) as tmp:
+        assert tmp == tmp_dir_path(dest) == dest.with_name(f"KEY.tmp-{host}-{os.getpid()}")
+        assert not dead.exists()
+        assert alive.is_dir() and elsewhere.is_dir() and other_key.is_dir()
+
 def test_a_torn_metrics_line_is_reported_then_cut_back_at_the_resume(
         tmp_path, cache_dir, real_text, straight, capsys, caplog):
     """A kill -9 mid-write leaves half a record as the last line of metrics.jsonl:
