@@ -7,7 +7,8 @@ LayerNorm) is one native call, ``torch._transformer_encoder_layer_fwd``. That is
 arithmetic of transformers' ``BertLayer`` in another order: the layers below share the
 checkpoint's weights (only query, key and value are concatenated, a copy) and give the
 same hidden states to float rounding (5e-6 on all-MiniLM-L6-v2). On a 2-core CPU a
-forward pass of MiniLM-L6 at batch 32 took 34-35 ms against transformers' 44-45 ms.
+forward pass of MiniLM-L6 at batch 32, 14 tokens per text, took 34-35 ms against
+transformers' 44-45 ms.
 
 Only the model types whose layers are exactly BERT's are converted; any other model, an
 approximate (tanh) GELU, a decoder or cross-attention keeps transformers' forward.
