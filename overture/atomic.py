@@ -8,8 +8,10 @@ reader would take it for a whole one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
+import secrets
 import shutil
 import socket
 from collections.abc import Iterator
@@ -45,51 +47,70 @@ def publish_dir(tmp: Path, dest: Path, replace: bool = True) -> bool:
     return True
 
 
-def tmp_dir_path(dest: Path) -> Path:
-    """The working folder of this process for ``dest``: ``DEST.tmp-HOST-PID`` beside it
-    (the host too: a cache folder may be shared by the machines of a cluster)."""
-    dest = Path(dest)
-    return dest.with_name(f"{dest.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
 def fresh_tmp_dir(dest: Path) -> Path:
-    """An empty working folder beside ``dest``, private to this process. The working
-    folders for ``dest`` that ended processes of this host left (``kill -9``, out of
-    memory: nothing could remove them) are removed first."""
-    tmp = tmp_dir_path(dest)
-    prefix = tmp.name[:-len(str(os.getpid()))]
-    if tmp.parent.is_dir():
-        for child in tmp.parent.glob(glob.escape(prefix) + "*"):
-            pid = child.name[len(prefix):]
-            if pid.isdigit() and not _running(int(pid)):
-                shutil.rmtree(child, ignore_errors=True)
+    """An empty working folder beside ``dest``, private to this process."""
+    tmp = Path(dest).with_name(Path(dest).name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
 
 
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` of this host exists (another user's counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+@contextlib.contextmanager
+def building_dir(dest: Path) -> Iterator[Path]:
+    """A new, empty working folder beside ``dest`` for the block to fill (and publish),
+    removed if the block raises: an error, Ctrl-C or SIGTERM leaves no half-built folder.
+
+    A ``kill -9`` (or the out-of-memory killer) still can: nothing runs then. So the
+    folder, ``DEST.tmp-HOST-RANDOM``, is locked (``flock``) while the block runs, and each
+    build of ``dest`` first removes this host's working folders for it that nobody holds
+    locked any more. A lock, not a process id, tells a live build from a dead one: the
+    kernel drops it when its process dies, and it holds across containers and process
+    namespaces, where ids repeat. Another host's folders (a cache shared over a network
+    file system) are never touched; where folders cannot be locked, none is removed.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f"{dest.name}.tmp-{socket.gethostname()}-"
+    for child in dest.parent.glob(glob.escape(prefix) + "*"):
+        with _locked(child) as held:
+            if held:  # its build ended without cleaning up
+                shutil.rmtree(child, ignore_errors=True)
+    # made under a name no build removes, locked, then renamed (the lock follows the
+    # folder): a working folder is never seen unlocked while its build runs. mkdir, not
+    # mkdtemp: the cache keeps the umask's permissions (mkdtemp's 0700 would hide a
+    # shared cache from the other users)
+    token = secrets.token_hex(6)
+    new = dest.with_name(f".{dest.name}.new-{token}")
+    new.mkdir()
+    with _locked(new):
+        tmp = dest.with_name(prefix + token)
+        os.rename(new, tmp)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 @contextlib.contextmanager
-def building_dir(dest: Path) -> Iterator[Path]:
-    """``fresh_tmp_dir(dest)`` for the block to fill (and publish), removed if the block
-    raises: an error, Ctrl-C or SIGTERM leaves no half-built folder behind (``kill -9``
-    still can; the next build of ``dest`` on this host removes it)."""
-    tmp = fresh_tmp_dir(dest)
+def _locked(folder: Path) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``folder`` for the block; yields whether it was
+    taken (False: another process holds it, the folder is gone or not a folder, or this
+    file system has no locks)."""
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except OSError:
+            held = False
+        yield held
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager

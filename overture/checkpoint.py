@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
 
-from .atomic import COMPLETE, building_dir, fresh_tmp_dir, publish_dir, tmp_dir_path
+from .atomic import COMPLETE, building_dir, fresh_tmp_dir, publish_dir
 from .config import ConfigError, Recipe
 from .errors import SaveFailed
 from .hub import quiet_transformers
@@ -246,7 +247,7 @@ def export_final(accelerator, recipe: Recipe, objective, models: dict,
     # get_state_dict gathers FSDP / DeepSpeed shards: every rank takes part
     state_dicts = {name: accelerator.get_state_dict(m) for name, m in models.items()}
     if accelerator.is_main_process:
-        tmp = tmp_dir_path(final)
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         with _save_errors(final, tmp, recipe):
             tmp = fresh_tmp_dir(final)
             unwrapped = {name: accelerator.unwrap_model(m) for name, m in models.items()}

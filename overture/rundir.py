@@ -66,7 +66,7 @@ def claim_run_dir(run_dir: Path, main_process: bool = True) -> Iterator[Path]:
 
 
 def remove_partial_writes(run_dir: Path) -> list[Path]:
-    """Delete what an interrupted save leaves: ``*.tmp`` / ``*.tmp-PID`` working folders and
+    """Delete what an interrupted save leaves: ``*.tmp`` / ``*.tmp-*`` working folders and
     ``*.old`` folders kept aside during a publish. Only called under the run lock, so no
     other writer owns them."""
     removed = []

@@ -238,30 +238,45 @@ def test_sigkill_in_the_middle_of_a_save_resumes_from_the_previous_checkpoint(
     assert got[12] == pytest.approx(expected[12], abs=1e-5)
 
 
-
 def test_a_build_left_by_a_killed_process_is_removed_by_the_next_build_on_its_host(tmp_path):
-    """kill -9 during a cache build leaves its working folder (nothing can remove it then);
-    the next build of that cache on the same host removes it, and only it: a running
-    process's folder, another host's (a shared cache) and another cache's stay."""
+    """kill -9 during a cache build leaves its working folder (nothing runs then to remove
+    it); the next build of that cache on the same host removes it, and only it: a running
+    build's folder (told apart by its lock, not its pid, which repeats across containers),
+    another host's (a shared cache) and another cache's stay."""
     import socket
 
-    from overture.atomic import building_dir, tmp_dir_path
+    from overture.atomic import building_dir
 
     dest = tmp_path / "examples" / "KEY"
-    dest.parent.mkdir()
-    ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    ended.wait()
-    host = socket.gethostname()
-    dead = dest.with_name(f"KEY.tmp-{host}-{ended.pid}")
-    alive = dest.with_name(f"KEY.tmp-{host}-{os.getppid()}")
-    elsewhere = dest.with_name(f"KEY.tmp-{host}x-{ended.pid}")
-    other_key = dest.with_name(f"KEY2.tmp-{host}-{ended.pid}")
-    for folder in (dead, alive, elsewhere, other_key):
-        (folder / "part").mkdir(parents=True)
-    with building_dir(dest) as tmp:
-        assert tmp == tmp_dir_path(dest) == dest.with_name(f"KEY.tmp-{host}-{os.getpid()}")
-        assert not dead.exists()
-        assert alive.is_dir() and elsewhere.is_dir() and other_key.is_dir()
+    script = ("import sys, time\nfrom overture.atomic import building_dir\n"
+              "with building_dir(sys.argv[1]) as tmp:\n"
+              "    (tmp / 'part').write_text('x')\n    print(tmp, flush=True)\n"
+              "    time.sleep(120)\n")
+    builds = [subprocess.Popen([sys.executable, "-c", script, str(dest)],
+                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        killed, running = (Path(b.stdout.readline().strip()) for b in builds)
+        builds[0].kill()
+        builds[0].wait()
+        host = socket.gethostname()
+        elsewhere = dest.with_name(f"KEY.tmp-{host}x-abcdefgh")
+        other_key = dest.with_name(f"KEY2.tmp-{host}-abcdefgh")
+        for folder in (elsewhere, other_key):
+            (folder / "part").mkdir(parents=True)
+        assert killed.is_dir() and killed.name.startswith(f"KEY.tmp-{host}-")
+        with building_dir(dest) as tmp:
+            assert tmp.name.startswith(f"KEY.tmp-{host}-") and tmp not in (killed, running)
+            # the umask's permissions, as mkdir gives: a shared cache stays readable
+            (tmp_path / "plain").mkdir()
+            assert tmp.stat().st_mode == (tmp_path / "plain").stat().st_mode
+            assert not killed.exists()
+            assert (running / "part").is_file()
+            assert elsewhere.is_dir() and other_key.is_dir()
+    finally:
+        for b in builds:
+            b.kill()
+            b.wait()
+
 
 def test_a_torn_metrics_line_is_reported_then_cut_back_at_the_resume(
         tmp_path, cache_dir, real_text, straight, capsys, caplog):
