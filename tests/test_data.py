@@ -212,7 +212,7 @@ class _SlowBuilder:
         import time
         from collections import Counter
 
-        time.sleep(self.seconds)
+        time.sleep(self.seconds if docs else 0)  # a window of no documents: at once
         return [], Counter()
 
     def finish(self, tag, batch):
@@ -256,6 +256,19 @@ def _ended(pid: int) -> bool:
         return True
 
 
+def _mapping_script(windows: str) -> str:
+    """The start of a script mapping ``windows`` (a Python expression) with two workers
+    whose windows take a minute each (run with this folder on PYTHONPATH)."""
+    return ("import multiprocessing, os, signal, sys, threading, time\n"
+            "from overture.config import DataConfig\n"
+            "from overture.data import prepare\n"
+            "from test_data import _SlowBuilder\n"
+            "if __name__ == '__main__':\n"
+            f"    windows = {windows}\n"
+            "    mapped = prepare._map_windows(windows, _SlowBuilder(60), DataConfig(), 2,\n"
+            "                                  workers_finish=True)\n")
+
+
 @pytest.mark.skipif(not __import__("os").path.isdir("/proc"), reason="reads /proc")
 def test_workers_end_when_the_main_process_is_killed(tmp_path):
     """kill -9 (or SIGTERM, or the out-of-memory killer) on the main process during
@@ -267,14 +280,7 @@ def test_workers_end_when_the_main_process_is_killed(tmp_path):
 
     script = tmp_path / "prepare.py"
     script.write_text(
-        "import multiprocessing, sys, threading, time\n"
-        "from overture.config import DataConfig\n"
-        "from overture.data import prepare\n"
-        "from test_data import _SlowBuilder\n"
-        "if __name__ == '__main__':\n"
-        "    windows = ((i, [['a']], 1, 0.0) for i in range(4))\n"
-        "    mapped = prepare._map_windows(windows, _SlowBuilder(60), DataConfig(), 2,\n"
-        "                                  workers_finish=True)\n"
+        _mapping_script("((i, [['a']], 1, 0.0) for i in range(4))") +
         "    threading.Thread(target=lambda: next(mapped), daemon=True).start()\n"
         "    while len(multiprocessing.active_children()) < 2:\n"
         "        time.sleep(0.05)\n"
@@ -295,3 +301,40 @@ def test_workers_end_when_the_main_process_is_killed(tmp_path):
     for pid in left:  # not to leave them behind when the test fails
         __import__("os").kill(pid, signal.SIGKILL)
     assert not left
+
+
+def test_ctrl_c_ends_the_workers_at_once_without_waiting_for_queued_windows(tmp_path):
+    """Ctrl-C (to the whole terminal group) while one worker is busy and one idle: the
+    command must not wait for the window in flight (a minute here), a second Ctrl-C must
+    not leave it hanging in the pool's shutdown, and no worker prints a traceback (an
+    idle one had)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "prepare.py"
+    script.write_text(
+        _mapping_script("((i, [['a']] if i == 0 else [], 1, 0.0) for i in range(2))") +
+        "    def ctrl_c():\n"
+        "        while len(multiprocessing.active_children()) < 2:\n"
+        "            time.sleep(0.05)\n"
+        "        time.sleep(1.0)  # the workers are in their windows\n"
+        "        os.killpg(0, signal.SIGINT)\n"
+        "        time.sleep(0.05)\n"
+        "        os.killpg(0, signal.SIGINT)  # a second one, during the shutdown\n"
+        "    threading.Thread(target=ctrl_c, daemon=True).start()\n"
+        "    started = time.monotonic()\n"
+        "    try:\n"
+        "        next(mapped)\n"
+        "    except KeyboardInterrupt:\n"
+        "        pass\n"
+        "    left = len(multiprocessing.active_children())\n"
+        "    print(f'{time.monotonic() - started:.1f}', left, flush=True)\n")
+    env = {**__import__("os").environ,
+           "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=60, start_new_session=True)
+    seconds, children = done.stdout.split()
+    assert float(seconds) < 20 and children == "0"
+    assert "Traceback" not in done.stderr, done.stderr

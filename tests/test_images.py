@@ -831,7 +831,6 @@ def test_checking_images_in_worker_processes_gives_the_same_index(tmp_path, cach
         "eval_unreadable_skipped", 0) == 1
 
 
-
 def _check_and_die(item):
     """An image check whose worker is killed (forked workers find it in this module)."""
     import os
@@ -860,6 +859,7 @@ def test_a_killed_image_check_worker_stops_preparation_with_one_message(tmp_path
                        labelled=True, progress=False)
     assert not multiprocessing.active_children()
     assert not list((cache / "images").glob("*"))
+
 
 def test_gradient_accumulation_with_simclr_is_warned_about(tmp_path, cache_dir, caplog,
                                                            offline):

@@ -428,8 +428,7 @@ def _drop_unreadable(images: Images, rows: np.ndarray, cfg: ImageDataConfig, sta
     workers = cfg.num_proc or os.cpu_count() or 1
     chunks = max(1, len(items) // (workers * 8))
     if workers > 1 and len(items) >= POOL_MIN_IMAGES:
-        # fork: only PIL runs in the workers, and they start at once
-        with worker_pool(workers, _check_worker_ended, start="fork") as pool:
+        with worker_pool(workers, _check_worker_ended) as pool:
             reasons = list(tqdm(pool.map(_check, items, chunksize=chunks), total=len(items),
                                 desc=f"check {split} images", disable=not progress))
     else:
@@ -448,7 +447,6 @@ def _drop_unreadable(images: Images, rows: np.ndarray, cfg: ImageDataConfig, sta
         stats[f"{split}_unreadable_skipped"] += 1
     sizes = [(reasons[i][1], reasons[i][2]) for i in keep]
     return _subset(images, keep), sizes, rows[keep]
-
 
 
 def _check_worker_ended() -> str:
