@@ -256,6 +256,26 @@ def _ended(pid: int) -> bool:
         return True
 
 
+def _workers_left_after_kill_9(main) -> list[int]:
+    """kill -9 the process ``main``, which printed its two workers' pids as its first
+    line; the pids of those still running 20 s later (killed then, not to be left)."""
+    import os
+    import signal
+    import time
+
+    workers = [int(p) for p in main.stdout.readline().split()]
+    assert len(workers) == 2
+    main.send_signal(signal.SIGKILL)
+    main.wait()
+    deadline = time.monotonic() + 20
+    while not all(_ended(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p for p in workers if not _ended(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
 def _mapping_script(windows: str) -> str:
     """The start of a script mapping ``windows`` (a Python expression) with two workers
     whose windows take a minute each (run with this folder on PYTHONPATH)."""
@@ -273,10 +293,8 @@ def _mapping_script(windows: str) -> str:
 def test_workers_end_when_the_main_process_is_killed(tmp_path):
     """kill -9 (or SIGTERM, or the out-of-memory killer) on the main process during
     preparation: its workers must not wait forever on their queues."""
-    import signal
     import subprocess
     import sys
-    import time
 
     script = tmp_path / "prepare.py"
     script.write_text(
@@ -290,17 +308,7 @@ def test_workers_end_when_the_main_process_is_killed(tmp_path):
            "PYTHONPATH": str(Path(__file__).resolve().parent)}
     main = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                             text=True, env=env)
-    workers = [int(p) for p in main.stdout.readline().split()]
-    assert len(workers) == 2
-    main.send_signal(signal.SIGKILL)
-    main.wait()
-    deadline = time.monotonic() + 20
-    while not all(_ended(p) for p in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = [p for p in workers if not _ended(p)]
-    for pid in left:  # not to leave them behind when the test fails
-        __import__("os").kill(pid, signal.SIGKILL)
-    assert not left
+    assert _workers_left_after_kill_9(main) == []
 
 
 def test_ctrl_c_ends_the_workers_at_once_without_waiting_for_queued_windows(tmp_path):
@@ -308,10 +316,8 @@ def test_ctrl_c_ends_the_workers_at_once_without_waiting_for_queued_windows(tmp_
     command must not wait for the window in flight (a minute here), a second Ctrl-C must
     not leave it hanging in the pool's shutdown, and no worker prints a traceback (an
     idle one had)."""
-    import signal
     import subprocess
     import sys
-    import time
 
     script = tmp_path / "prepare.py"
     script.write_text(
@@ -338,3 +344,27 @@ def test_ctrl_c_ends_the_workers_at_once_without_waiting_for_queued_windows(tmp_
     seconds, children = done.stdout.split()
     assert float(seconds) < 20 and children == "0"
     assert "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc"), reason="reads /proc")
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_a_worker_pools_workers_end_with_its_killed_main_process(tmp_path, start):
+    """overture.workers.worker_pool, as text preparation (spawn) and the image check (the
+    platform's default, fork on Linux) use it: kill -9 of the main process ends its busy
+    workers too, whichever way they were started."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "pool.py"
+    script.write_text(
+        "import multiprocessing, time\n"
+        "from overture.workers import worker_pool\n"
+        "if __name__ == '__main__':\n"
+        f"    with worker_pool(2, str, start={start!r}) as pool:\n"
+        "        busy = [pool.submit(time.sleep, 120) for _ in range(2)]\n"
+        "        while len(multiprocessing.active_children()) < 2:\n"
+        "            time.sleep(0.05)\n"
+        "        print(*[p.pid for p in multiprocessing.active_children()], flush=True)\n"
+        "        time.sleep(120)\n")
+    main = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert _workers_left_after_kill_9(main) == []
